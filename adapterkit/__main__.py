@@ -1,0 +1,3 @@
+from adapterkit.cli import main
+
+main()

@@ -1,0 +1,48 @@
+"""Training methods: one row each. A method decides what trains and how the base is loaded.
+
+QLoRA is LoRA on a 4-bit base, so it shares LoRA's code and differs only in `quantized_base`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Literal
+
+from adapterkit.adapters import full, lora, soft_prompt
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    family: Literal["full", "lora", "soft_prompt"]
+    trains_base: bool
+    """Whether the base weights themselves train (then they are kept in float32)."""
+    quantized_base: bool
+    wrap: Callable[..., Any]
+    """wrap(model, adapter_config, tokenizer_source, train_config) -> the model to train."""
+
+
+METHODS: dict[str, MethodSpec] = {
+    "full": MethodSpec("full", "full", trains_base=True, quantized_base=False, wrap=full.wrap),
+    "lora": MethodSpec("lora", "lora", trains_base=False, quantized_base=False, wrap=lora.wrap),
+    "qlora": MethodSpec("qlora", "lora", trains_base=False, quantized_base=True, wrap=lora.wrap),
+    "prompt_tuning": MethodSpec("prompt_tuning", "soft_prompt", trains_base=False, quantized_base=False,
+                                wrap=soft_prompt.wrap),
+    "prefix_tuning": MethodSpec("prefix_tuning", "soft_prompt", trains_base=False, quantized_base=False,
+                                wrap=soft_prompt.wrap),
+    "p_tuning": MethodSpec("p_tuning", "soft_prompt", trains_base=False, quantized_base=False,
+                           wrap=soft_prompt.wrap),
+}
+
+
+def trainable_parameters(model: Any) -> tuple[int, int]:
+    """(trainable, total) parameter counts; a 4-bit weight counts as its number of values."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel()
+        if p.__class__.__name__ == "Params4bit":
+            n = int(p.quant_state.shape.numel()) if getattr(p, "quant_state", None) is not None else n * 2
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total

@@ -1,0 +1,75 @@
+"""`builtin:tiny`: adapterkit's own small base model, so every recipe runs offline.
+
+On first use it is pretrained with the shipped `pretrain-tiny` recipe on the shipped sample corpus
+and cached under the user's cache dir (`$ADAPTERKIT_CACHE`, else `$XDG_CACHE_HOME/adapterkit`, else
+`~/.cache/adapterkit`). The cache key is a hash of the recipe and the corpus, so editing either
+builds a new one. It is a toy: a few million parameters that have read ~70 KB of text. Use it to try
+adapterkit, and a real model (`model.name_or_path=...`) for real work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from adapterkit.errors import ConfigError, Problem
+
+BUILTIN = {"tiny": "pretrain-tiny"}
+
+
+def cache_dir() -> Path:
+    if os.environ.get("ADAPTERKIT_CACHE"):
+        return Path(os.environ["ADAPTERKIT_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "adapterkit"
+
+
+def builtin_run_dir(name: str, overrides: list[str] | None = None) -> Path:
+    """Where built-in base `name` (pretrained with these recipe overrides) is cached."""
+    from adapterkit.config import load_recipe
+    from adapterkit.data.loading import resolve_sample
+    from adapterkit.recipes import find_recipe
+
+    if name not in BUILTIN:
+        raise ConfigError(Problem("model.name_or_path", f"'builtin:{name}' is not a built-in model",
+                                  fix=f"use one of: {', '.join('builtin:' + n for n in BUILTIN)}"))
+    recipe_path = find_recipe(BUILTIN[name])
+    recipe, src = load_recipe(str(recipe_path), overrides or [])
+    h = hashlib.sha256(recipe_path.read_bytes())
+    h.update("\n".join(overrides or []).encode())
+    for spec in [recipe.data.train] if isinstance(recipe.data.train, str) else recipe.data.train:
+        h.update(resolve_sample(spec).read_bytes() if spec.startswith("sample:") else spec.encode())
+    return cache_dir() / "builtin" / f"{name}-{h.hexdigest()[:12]}"
+
+
+def ensure_builtin(name: str, overrides: list[str] | None = None) -> Path:
+    """The model directory of built-in base `name`, pretraining it first if it is not cached yet."""
+    from adapterkit.config import load_recipe
+    from adapterkit.recipes import find_recipe
+    from adapterkit.recipes.train import run
+
+    final = builtin_run_dir(name, overrides)
+    recipe, src = load_recipe(str(find_recipe(BUILTIN[name])), overrides or [])
+    if (final / "model" / "config.json").is_file():
+        return final / "model"
+    final.parent.mkdir(parents=True, exist_ok=True)
+    print(f"adapterkit: building the built-in base model 'builtin:{name}' (first use only): pretraining it with "
+          f"the '{BUILTIN[name]}' recipe on the shipped sample corpus; it will be cached in {final}",
+          file=sys.stderr, flush=True)
+    work = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{name}-building-"))
+    try:
+        recipe.output_dir = str(work / "run")
+        run(recipe, src)
+        try:
+            os.replace(work / "run", final)
+        except OSError:  # another process finished first; its copy is as good as ours
+            if not (final / "model" / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"adapterkit: built-in base model ready: {final / 'model'}", file=sys.stderr, flush=True)
+    return final / "model"

@@ -1,0 +1,147 @@
+"""The `adapterkit` command line.
+
+    adapterkit recipe list
+    adapterkit recipe show lora-sentiment
+    adapterkit recipe run lora-sentiment train.max_steps=200 output_dir=runs/s1
+    adapterkit recipe run my_recipe.yaml model.name_or_path=Qwen/Qwen2.5-0.5B data.train=reviews.csv
+    adapterkit data preview my_recipe.yaml
+
+Errors in the user's input (AdapterkitError) are printed without a traceback and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+import click
+import typer
+
+from adapterkit.errors import AdapterkitError
+
+app = typer.Typer(help="Fine-tune language models on one GPU (or a CPU): recipes for pretraining, LoRA, QLoRA, "
+                       "soft prompts and full fine-tuning.", no_args_is_help=True, pretty_exceptions_show_locals=False,
+                  add_completion=False)
+recipe_app = typer.Typer(help="List, show and run recipes.", no_args_is_help=True)
+data_app = typer.Typer(help="Look at data the way training will see it.", no_args_is_help=True)
+app.add_typer(recipe_app, name="recipe")
+app.add_typer(data_app, name="data")
+
+OVERRIDES = typer.Argument(None, help="Dotted overrides, e.g. train.max_steps=200 data.train=my.jsonl "
+                                      "(values follow YAML rules: 1e-4, true, null).", show_default=False)
+
+
+@recipe_app.command("list")
+def recipe_list() -> None:
+    """The shipped recipes, one line each: name, stage, method, task."""
+    from adapterkit.recipes import shipped, summary
+
+    rows = [summary(p) for p in shipped().values()]
+    widths = {k: max(len(k), *(len(r[k]) for r in rows)) for k in ("name", "stage", "method", "task")}
+    header = "  ".join(k.upper().ljust(widths[k]) for k in widths) + "  DESCRIPTION"
+    typer.echo(header)
+    for r in rows:
+        typer.echo("  ".join(r[k].ljust(widths[k]) for k in widths) + "  " + r["description"])
+
+
+@recipe_app.command("show")
+def recipe_show(name: str = typer.Argument(..., help="A shipped recipe's name or a YAML path.")) -> None:
+    """Print a recipe's commented YAML (copy it to start your own)."""
+    from adapterkit.recipes import find_recipe
+
+    typer.echo(find_recipe(name).read_text(encoding="utf-8"), nl=False)
+
+
+@recipe_app.command("run")
+def recipe_run(
+    name: str = typer.Argument(..., help="A shipped recipe's name or a YAML path."),
+    overrides: Optional[list[str]] = OVERRIDES,
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved recipe and stop."),
+    force: bool = typer.Option(False, "--force", help="Replace the run already in output_dir."),
+) -> None:
+    """Run a recipe: validate it, then train and write the run directory."""
+    from adapterkit.config import dump_recipe, load_recipe
+
+    recipe, src = load_recipe(name, overrides or [])
+    if dry_run:
+        typer.echo(f"# resolved recipe '{src.name}' ({src.path})" +
+                   (f" with overrides: {' '.join(src.command_line)}" if src.command_line else ""))
+        typer.echo(dump_recipe(recipe), nl=False)
+        return
+    from adapterkit.recipes.train import run
+
+    run(recipe, src, force=force)
+
+
+@data_app.command("preview")
+def data_preview(
+    name: str = typer.Argument(..., help="A shipped recipe's name or a YAML path."),
+    overrides: Optional[list[str]] = OVERRIDES,
+    n: int = typer.Option(3, "-n", min=1, help="How many examples to show."),
+    split: str = typer.Option("train", help="train or eval."),
+) -> None:
+    """Show formatted examples as training sees them; the supervised tokens are between ⟦ and ⟧."""
+    from adapterkit import models
+    from adapterkit.config import load_recipe
+    from adapterkit.data.formatter import IGNORE, Formatter, encode_rows, label_set
+    from adapterkit.data.loading import read_rows
+    from adapterkit.errors import ConfigError, Problem
+
+    if split not in ("train", "eval"):
+        raise ConfigError(Problem("--split", f"'{split}' is not a split", fix="use --split train or --split eval"))
+    recipe, _ = load_recipe(name, overrides or [])
+    d, m = recipe.data, recipe.model
+    spec = d.train if split == "train" else d.eval
+    if spec is None:
+        raise ConfigError(Problem("data.eval", "the recipe has no eval data", fix="use --split train"))
+    train_rows = read_rows(d.train, d.train_split, "data.train")
+    if m.init == "scratch" and not m.tokenizer:
+        tokenizer = models.train_tokenizer((r.values.get(d.columns.get("text", "text")) or "" for r in train_rows),
+                                           m.vocab_size)
+    else:
+        tokenizer = models.load_tokenizer(m, m.tokenizer or models.model_source(m))
+    formatter = Formatter.for_training(d, tokenizer, label_set(train_rows, Formatter.for_training(d, tokenizer, [])))
+    rows = train_rows if split == "train" else read_rows(spec, d.eval_split, "data.eval")
+    examples, report = encode_rows(rows, formatter, split, str(spec))
+    typer.echo(f"task {d.task}, {formatter.spec.mode} template; supervised tokens are shown between ⟦ and ⟧")
+    typer.echo(report.summary())
+    for i, ex in enumerate(examples[:n]):
+        supervised = sum(lbl != IGNORE for lbl in ex["labels"])
+        typer.echo(typer.style(f"\n--- example {i} ({len(ex['input_ids'])} tokens, {supervised} supervised)",
+                               bold=True))
+        typer.echo(_marked(tokenizer, ex["input_ids"], ex["labels"], IGNORE))
+
+
+def _marked(tokenizer, ids: list[int], labels: list[int], ignore: int) -> str:
+    """Decode ids in runs of same supervision, wrapping supervised runs in ⟦ ⟧."""
+    out, run, flag = [], [], None
+    for token, label in zip(ids + [None], labels + [None]):
+        now = label is not None and label != ignore
+        if token is None or (flag is not None and now != flag):
+            text = tokenizer.decode(run, skip_special_tokens=False)
+            out.append(typer.style(f"⟦{text}⟧", fg="green") if flag else text)
+            run = []
+        if token is not None:
+            run.append(token)
+            flag = now
+    return "".join(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the CLI, turning user errors into a message and exit code 2."""
+    try:
+        code = app(args=argv, standalone_mode=False)
+    except AdapterkitError as e:
+        typer.echo(f"error: {e.render()}", err=True)
+        sys.exit(2)
+    except click.exceptions.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,312 @@
+"""The shared dataset formatter: a task row -> TRL's vocabulary -> token ids with a loss mask.
+
+    row (task fields) --record()--> {"prompt", "completion"} | {"messages"} | {"text"}
+                      --encode()--> input_ids, labels (-100 where no loss)
+
+Training, `adapterkit data preview` and evaluation all go through this one class, so the text a
+model is trained on and the text it is asked at inference cannot drift apart. The settings that
+decide the text (task, mode, template, labels, system prompt) are a `FormatSpec`, saved with the run.
+
+Masking rules: prompt tokens get no loss unless `train_on_prompt`; every completion ends with the
+tokenizer's EOS, which is supervised. Labels are built here from segment boundaries, never by
+comparing token ids with the pad id, so a pad token equal to EOS cannot mask EOS.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from adapterkit.config import DataConfig
+from adapterkit.data.loading import RawRow
+from adapterkit.data.tasks import TASKS, TaskSpec
+from adapterkit.errors import DataError, Problem, did_you_mean
+
+IGNORE = -100
+
+# Used for `chat` data when the tokenizer has no chat template; saved with the model so inference
+# renders conversations the same way.
+FALLBACK_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\n' + message['content'] }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+
+
+@dataclass
+class FormatSpec:
+    """Everything that decides the training text; stored in the run as `format.json`."""
+
+    task: str
+    mode: Literal["plain", "chat_template"]
+    labels: list[str] = field(default_factory=list)
+    template: str | None = None
+    system_prompt: str | None = None
+    train_on_prompt: bool = False
+    max_length: int = 512
+    chat_template: str | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, ensure_ascii=False)
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+    truncated: bool
+
+
+@dataclass
+class DataReport:
+    """What happened to the rows of one split: shown before training and saved with the run."""
+
+    split: str
+    source: str
+    rows_read: int = 0
+    examples: int = 0
+    dropped: Counter = field(default_factory=Counter)
+    truncated: int = 0
+    tokens: int = 0
+    supervised_tokens: int = 0
+    labels: Counter = field(default_factory=Counter)
+
+    def summary(self) -> str:
+        dropped = sum(self.dropped.values())
+        text = (f"{self.split}: {self.rows_read} rows from {self.source} -> {self.examples} examples "
+                f"({dropped} dropped, {self.truncated} truncated), {self.tokens:,} tokens "
+                f"({self.supervised_tokens:,} supervised)")
+        for reason, n in sorted(self.dropped.items()):
+            text += f"\n    dropped {n}: {reason}"
+        if self.labels:
+            text += "\n    labels: " + ", ".join(f"{k} {v}" for k, v in sorted(self.labels.items()))
+        return text
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["dropped"], out["labels"] = dict(self.dropped), dict(self.labels)
+        return out
+
+
+def _text(value: Any) -> str | None:
+    """A field value as text; None when missing. Numbers and booleans are accepted as their text."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, str):
+        return value
+    return None
+
+
+class Formatter:
+    """Turns rows of one task into records and token ids, with one fixed `FormatSpec`."""
+
+    def __init__(self, spec: FormatSpec, tokenizer: Any, columns: dict[str, str] | None = None):
+        self.spec = spec
+        self.task: TaskSpec = TASKS[spec.task]
+        self.tokenizer = tokenizer
+        self.columns = dict(columns or {})
+        if spec.chat_template:
+            tokenizer.chat_template = spec.chat_template
+        if tokenizer.eos_token_id is None:
+            raise DataError(Problem("tokenizer", "has no EOS token, so completions could not be ended",
+                                    fix="use a tokenizer with an eos_token"))
+        with_special = tokenizer("a").input_ids
+        without = tokenizer("a", add_special_tokens=False).input_ids
+        # Tokens the tokenizer puts in front of plain text (usually BOS); kept in plain mode.
+        self.prefix_ids = with_special[: len(with_special) - len(without)] if with_special[-len(without):] == without else []
+
+    @classmethod
+    def for_training(cls, cfg: DataConfig, tokenizer: Any, labels: list[str]) -> "Formatter":
+        """Pick the mode from the tokenizer: its chat template if it has one, else the plain template."""
+        task = TASKS[cfg.task]
+        has_template = bool(getattr(tokenizer, "chat_template", None))
+        chat_template = None
+        if task.kind == "chat" and not has_template:
+            chat_template = FALLBACK_CHAT_TEMPLATE
+        mode = "chat_template" if (has_template or task.kind == "chat") and task.kind != "text" else "plain"
+        spec = FormatSpec(task=cfg.task, mode=mode, labels=labels, template=cfg.template,
+                          system_prompt=cfg.system_prompt, train_on_prompt=cfg.train_on_prompt,
+                          max_length=cfg.max_length, chat_template=chat_template)
+        return cls(spec, tokenizer, cfg.columns)
+
+    # -- rows -> task fields -------------------------------------------------------------------
+
+    def check_columns(self, rows: list[RawRow], source: str) -> None:
+        """Fail early, with the columns that do exist, when a required field has no column."""
+        present: set[str] = set()
+        for row in rows[:1000]:
+            present.update(row.values)
+        missing = [f for f in self.task.required if self.columns.get(f, f) not in present]
+        if not missing:
+            return
+        problems = []
+        for f in missing:
+            col = self.columns.get(f, f)
+            guess = did_you_mean(col, sorted(present))
+            suggestion = guess.split("'")[1] if guess else "YOUR_COLUMN"
+            problems.append(Problem(source, f"task '{self.spec.task}' needs field '{f}', but there is no column "
+                                    f"'{col}' (columns: {', '.join(sorted(present)) or 'none'})", f"data.columns.{f}",
+                                    f"map it with data.columns.{f}={suggestion}"))
+        raise DataError(problems)
+
+    def fields(self, raw: RawRow) -> tuple[dict[str, Any] | None, str | None]:
+        """The task fields of a row, or (None, reason) when the row must be dropped."""
+        out: dict[str, Any] = {}
+        for f in self.task.fields:
+            value = raw.values.get(self.columns.get(f, f))
+            if f == "messages":
+                if not _valid_messages(value):
+                    return None, "messages are not a list of {role, content} with an assistant turn"
+                out[f] = [{"role": m["role"], "content": m["content"]} for m in value]
+                continue
+            text = _text(value)
+            if f in self.task.required:
+                if text is None:
+                    return None, f"missing or non-text '{f}'"
+                if not text.strip():
+                    return None, f"empty '{f}'"
+            out[f] = (text or "").strip() if f != "text" else text
+        if self.task.name == "sentiment" and self.spec.labels and out["label"] not in self.spec.labels:
+            return None, f"label not in the label set ({', '.join(self.spec.labels)})"
+        return out, None
+
+    # -- task fields -> TRL vocabulary -----------------------------------------------------------
+
+    def record(self, row: dict[str, Any]) -> dict[str, Any]:
+        """TRL's dataset vocabulary: prompt/completion (text or messages), messages, or text."""
+        kind = self.task.kind
+        if kind == "text":
+            return {"text": row["text"]}
+        if kind == "chat":
+            messages = list(row["messages"])
+            if self.spec.system_prompt and messages[0]["role"] != "system":
+                messages.insert(0, {"role": "system", "content": self.spec.system_prompt})
+            return {"messages": messages}
+        target = row[self.task.target]
+        user = self._user_text(row)
+        if self.spec.mode == "chat_template":
+            prompt = [{"role": "user", "content": user}]
+            if self.spec.system_prompt:
+                prompt.insert(0, {"role": "system", "content": self.spec.system_prompt})
+            return {"prompt": prompt, "completion": [{"role": "assistant", "content": target}]}
+        prompt = user if self.spec.template else f"{user}\n{self.task.cue}"
+        if self.spec.system_prompt:
+            prompt = f"{self.spec.system_prompt}\n\n{prompt}"
+        sep = "" if prompt[-1:].isspace() else " "
+        return {"prompt": prompt, "completion": sep + target}
+
+    def prompt_text(self, row: dict[str, Any]) -> str:
+        """The exact text a model is given at inference for this row (used by evaluation)."""
+        rec = self.record(row)
+        if self.spec.mode == "plain":
+            return rec["prompt"]
+        return self.tokenizer.apply_chat_template(rec["prompt"], tokenize=False, add_generation_prompt=True)
+
+    def _user_text(self, row: dict[str, Any]) -> str:
+        if self.spec.template:
+            return self.spec.template.format(**{f: row.get(f) or "" for f in self.task.fields})
+        return self.task.user(row, self.spec.labels)
+
+    # -- TRL vocabulary -> segments -> token ids -------------------------------------------------
+
+    def segments(self, record: dict[str, Any]) -> list[tuple[str, bool]]:
+        """The record as text pieces, each marked supervised (True) or not."""
+        if "text" in record:
+            return [(record["text"], True)]
+        if self.spec.mode == "plain":
+            return [(record["prompt"], False), (record["completion"], True)]
+        messages = record.get("messages") or record["prompt"] + record["completion"]
+        return self._chat_segments(messages)
+
+    def _chat_segments(self, messages: list[dict[str, str]]) -> list[tuple[str, bool]]:
+        render = self.tokenizer.apply_chat_template
+        segments: list[tuple[str, bool]] = []
+        done = ""
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            before = render(messages[:i], tokenize=False, add_generation_prompt=True)
+            after = render(messages[: i + 1], tokenize=False)
+            if not before.startswith(done) or not after.startswith(before):
+                raise DataError(Problem("chat template", "does not render a conversation as a growing prefix, so "
+                                        "assistant turns cannot be located",
+                                        fix="use a tokenizer whose chat template renders turns incrementally"))
+            segments += [(before[len(done):], False), (after[len(before):], True)]
+            done = after
+        return [(text, sup) for text, sup in segments if text]
+
+    def encode(self, record: dict[str, Any]) -> Encoded:
+        """Token ids and labels for one record, cut at max_length."""
+        tok = self.tokenizer
+        eos = tok.eos_token_id
+        ids: list[int] = []
+        labels: list[int] = []
+        if self.spec.mode == "plain":
+            ids += self.prefix_ids
+            labels += [IGNORE] * len(self.prefix_ids)
+        for text, supervised in self.segments(record):
+            piece = tok(text, add_special_tokens=False).input_ids
+            if supervised and eos not in piece:
+                piece = piece + [eos]
+            ids += piece
+            labels += piece if (supervised or self.spec.train_on_prompt) else [IGNORE] * len(piece)
+        limit = self.spec.max_length
+        truncated = len(ids) > limit and "text" not in record
+        if truncated:
+            ids, labels = ids[:limit], labels[:limit]
+        return Encoded(ids, labels, truncated)
+
+
+def _valid_messages(value: Any) -> bool:
+    if not isinstance(value, list) or not value:
+        return False
+    for m in value:
+        if not (isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
+                and isinstance(m.get("content"), str)):
+            return False
+    return any(m["role"] == "assistant" and m["content"].strip() for m in value)
+
+
+def label_set(rows: list[RawRow], formatter: Formatter) -> list[str]:
+    """Sentiment labels as they appear in the training data, sorted; empty for other tasks."""
+    if formatter.task.name != "sentiment":
+        return []
+    col = formatter.columns.get("label", "label")
+    return sorted({t.strip() for r in rows if (t := _text(r.values.get(col))) and t.strip()})
+
+
+def encode_rows(rows: list[RawRow], formatter: Formatter, split: str, source: str) -> tuple[list[dict], DataReport]:
+    """Format and tokenize rows; drop (and count) rows that cannot train. Raw text is chunked, not cut."""
+    report = DataReport(split=split, source=source, rows_read=len(rows))
+    formatter.check_columns(rows, source)
+    limit = formatter.spec.max_length
+    examples: list[dict] = []
+    for raw in rows:
+        fields, reason = formatter.fields(raw)
+        if fields is None:
+            report.dropped[reason] += 1
+            continue
+        enc = formatter.encode(formatter.record(fields))
+        chunks = [(enc.input_ids[i:i + limit], enc.labels[i:i + limit]) for i in range(0, len(enc.input_ids), limit)]
+        supervised = sum(lbl != IGNORE for lbl in enc.labels)
+        if supervised == 0:
+            report.dropped[f"no supervised token within max_length={limit}"] += 1
+            continue
+        report.truncated += enc.truncated
+        report.tokens += len(enc.input_ids)
+        report.supervised_tokens += supervised
+        if formatter.task.name == "sentiment":
+            report.labels[fields["label"]] += 1
+        for ids, labels in chunks:
+            if any(lbl != IGNORE for lbl in labels):
+                examples.append({"input_ids": ids, "labels": labels})
+    report.examples = len(examples)
+    return examples, report

@@ -1,0 +1,181 @@
+"""Reading rows from local files, the shipped samples, or the datasets hub.
+
+Local files are read here rather than through `datasets.load_dataset` so that a bad line is
+reported as `file:line` with the fix, instead of an Arrow stack trace. Hub ids go to `datasets`.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+import re
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterator
+
+from adapterkit.errors import DataError, Problem, did_you_mean
+
+SAMPLES = Path(str(resources.files("adapterkit.data") / "samples"))
+FORMATS = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt")
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+@dataclass
+class RawRow:
+    """One input row and where it came from (`file:line`), for messages that point at it."""
+
+    values: dict[str, Any]
+    where: str
+
+
+def resolve_sample(spec: str) -> Path:
+    """`sample:TASK/SPLIT` -> the shipped file."""
+    name = spec.removeprefix("sample:")
+    task, _, split = name.partition("/")
+    folder = SAMPLES / task
+    candidates = sorted(folder.glob(f"{split}.*")) if split and folder.is_dir() else []
+    if not candidates:
+        available = sorted(f"sample:{p.parent.name}/{p.name.split('.')[0]}" for p in SAMPLES.glob("*/*.*"))
+        hint = did_you_mean(spec, available)
+        raise DataError(Problem(spec, "no such shipped sample" + (f" ({hint})" if hint else ""),
+                                fix=f"use one of: {', '.join(available)}"))
+    return candidates[0]
+
+
+def _open_text(path: Path) -> io.TextIOBase:
+    if path.suffix == ".gz":
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
+    return open(path, encoding="utf-8", newline="")
+
+
+def _format_of(path: Path) -> str:
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] == ".gz":
+        suffixes = suffixes[:-1]
+    return suffixes[-1] if suffixes else ""
+
+
+def _read_jsonl(path: Path) -> Iterator[RawRow]:
+    with _open_text(path) as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(Problem(f"{path}:{number}", f"not valid JSON ({e.msg} at column {e.colno}): "
+                                        f"{line.strip()[:80]!r}",
+                                        fix="each line of a .jsonl file must be one JSON object")) from None
+            if not isinstance(value, dict):
+                raise DataError(Problem(f"{path}:{number}", f"expected a JSON object, got {type(value).__name__}",
+                                        fix='write each row as {"field": "value", ...}'))
+            yield RawRow(value, f"{path}:{number}")
+
+
+def _read_json(path: Path) -> Iterator[RawRow]:
+    with _open_text(path) as f:
+        try:
+            value = json.load(f)
+        except json.JSONDecodeError as e:
+            raise DataError(Problem(f"{path}:{e.lineno}", f"not valid JSON ({e.msg})",
+                                    fix="fix the JSON, or use one object per line in a .jsonl file")) from None
+    if isinstance(value, dict) and len(value) == 1 and isinstance(next(iter(value.values())), list):
+        value = next(iter(value.values()))  # {"data": [...]}
+    if not isinstance(value, list):
+        raise DataError(Problem(str(path), f"expected a list of objects, got {type(value).__name__}",
+                                fix='write the file as [{"field": "value"}, ...] or use .jsonl'))
+    for i, item in enumerate(value):
+        if not isinstance(item, dict):
+            raise DataError(Problem(f"{path}: item {i}", f"expected an object, got {type(item).__name__}",
+                                    fix='write each row as {"field": "value", ...}'))
+        yield RawRow(item, f"{path}: item {i}")
+
+
+def _read_csv(path: Path, delimiter: str) -> Iterator[RawRow]:
+    with _open_text(path) as f:
+        reader = csv.DictReader(f, delimiter=delimiter)
+        try:
+            for row in reader:
+                if None in row:
+                    raise DataError(Problem(f"{path}:{reader.line_num}", "row has more values than the header",
+                                            fix="quote values that contain the delimiter"))
+                yield RawRow(dict(row), f"{path}:{reader.line_num}")
+        except csv.Error as e:
+            raise DataError(Problem(f"{path}:{reader.line_num}", f"not valid CSV ({e})",
+                                    fix="check quoting on that line")) from None
+
+
+def _read_parquet(path: Path) -> Iterator[RawRow]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow raises several types for a broken file
+        raise DataError(Problem(str(path), f"not a readable parquet file ({e})", fix="re-export the file")) from None
+    for i, row in enumerate(table.to_pylist()):
+        yield RawRow(row, f"{path}: row {i}")
+
+
+def _read_txt(path: Path) -> Iterator[RawRow]:
+    """Raw text: one document per paragraph (blank-line separated)."""
+    with _open_text(path) as f:
+        paragraph: list[str] = []
+        start = 1
+        for number, line in enumerate(f, start=1):
+            if line.strip():
+                if not paragraph:
+                    start = number
+                paragraph.append(line.rstrip("\n"))
+            elif paragraph:
+                yield RawRow({"text": "\n".join(paragraph)}, f"{path}:{start}")
+                paragraph = []
+        if paragraph:
+            yield RawRow({"text": "\n".join(paragraph)}, f"{path}:{start}")
+
+
+def _read_hub(spec: str, split: str) -> list[RawRow]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(spec, split=split)
+    except Exception as e:  # offline, unknown id, unknown split: all user-fixable
+        raise DataError(Problem(spec, f"could not load it as a datasets hub id, split '{split}' ({type(e).__name__}: "
+                                f"{str(e).splitlines()[0] if str(e) else ''})",
+                                fix="check the id, the split (data.train_split / data.eval_split) and the network, "
+                                    "or pass a local file")) from None
+    return [RawRow(dict(row), f"{spec}[{split}] row {i}") for i, row in enumerate(ds)]
+
+
+def read_rows(spec: str | list[str], split: str, key: str) -> list[RawRow]:
+    """Read every row of a data spec (file, sample, hub id, or a list of them)."""
+    if isinstance(spec, list):
+        return [row for one in spec for row in read_rows(one, split, key)]
+    if spec.startswith("sample:"):
+        path = resolve_sample(spec)
+    else:
+        path = Path(spec).expanduser()
+        if not path.exists():
+            if HUB_ID.fullmatch(spec) and _format_of(path) not in FORMATS:
+                return _read_hub(spec, split)
+            siblings = [p.name for p in path.parent.glob("*")] if path.parent.is_dir() else []
+            hint = did_you_mean(path.name, siblings)
+            raise DataError(Problem(spec, "file not found" + (f" ({hint})" if hint else ""), key,
+                                    fix="check the path (relative paths start from the current directory)"))
+        if path.is_dir():
+            raise DataError(Problem(spec, "is a directory", key, fix=f"pass a data file ({', '.join(FORMATS)})"))
+    fmt = _format_of(path)
+    readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": lambda p: _read_csv(p, ","),
+               ".tsv": lambda p: _read_csv(p, "\t"), ".parquet": _read_parquet, ".txt": _read_txt}
+    if fmt not in readers:
+        raise DataError(Problem(str(path), f"unsupported file type '{fmt or path.name}'", key,
+                                fix=f"use one of {', '.join(FORMATS)} (optionally .gz)"))
+    try:
+        return list(readers[fmt](path))
+    except UnicodeDecodeError:
+        raise DataError(Problem(str(path), "is not UTF-8 text", key,
+                                fix=f"save it as UTF-8, or check it really is a {fmt} file")) from None
+    except (gzip.BadGzipFile, EOFError):
+        raise DataError(Problem(str(path), "is not a readable gzip file", key, fix="re-compress it")) from None

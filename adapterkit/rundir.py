@@ -1,0 +1,218 @@
+"""The run directory: what a run leaves behind, and the progress it shows while it trains.
+
+    output_dir/
+      recipe.yaml        the resolved recipe (file + overrides + defaults)
+      manifest.json      versions, data hashes, seed, device, command, start/end, status, metrics
+      data_report.json   rows read, dropped (and why), truncated, tokens, labels
+      train_log.jsonl    one line per log step: loss, lr, grad norm, tokens/s; eval losses
+      loss.png           training and eval loss curves
+      checkpoints/       trainer checkpoints (checkpoint-N)
+      model/             the final model (full) or adapter (peft), with tokenizer and format.json
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from adapterkit.errors import AdapterkitError, Problem
+
+MANIFEST = "manifest.json"
+RUN_FILES = ("recipe.yaml", MANIFEST, "data_report.json", "train_log.jsonl", "loss.png", "checkpoints", "model")
+PACKAGES = ("adapterkit", "torch", "transformers", "peft", "trl", "bitsandbytes", "datasets", "accelerate", "tokenizers")
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_output_dir(path: Path, force: bool) -> None:
+    """Refuse, before anything is written, an output dir we could not or should not write into."""
+    if path.exists() and not path.is_dir():
+        raise AdapterkitError(Problem("output_dir", f"'{path}' is a file, not a directory",
+                                      fix="choose another output_dir"))
+    if path.is_dir() and any(path.iterdir()) and not force:
+        if (path / MANIFEST).is_file():
+            raise AdapterkitError(Problem("output_dir", f"'{path}' already holds an adapterkit run",
+                                          fix="choose another output_dir, or pass --force to replace that run"))
+        raise AdapterkitError(Problem("output_dir", f"'{path}' is not empty and is not an adapterkit run",
+                                      fix="choose an empty or new output_dir (or pass --force to write into it)"))
+    parent = path if path.exists() else next(p for p in path.parents if p.exists())
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise AdapterkitError(Problem("output_dir", f"'{parent}' is not writable", fix="choose another output_dir"))
+
+
+def start(path: Path, force: bool, recipe_yaml: str, manifest: dict[str, Any]) -> None:
+    """Create the run dir (clearing a previous run's files with --force) and write the recipe and manifest."""
+    if force and (path / MANIFEST).is_file():
+        for name in RUN_FILES:
+            target = path / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    path.mkdir(parents=True, exist_ok=True)
+    write_atomic(path / "recipe.yaml", recipe_yaml)
+    manifest = {**manifest, "status": "running", "started": now(), "versions": versions(),
+                "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:])}
+    write_json(path / MANIFEST, manifest)
+
+
+def update_manifest(path: Path, **fields: Any) -> None:
+    manifest = json.loads((path / MANIFEST).read_text())
+    manifest.update(fields)
+    write_json(path / MANIFEST, manifest)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def make_temp_dir(parent: Path, prefix: str) -> Path:
+    """A temp dir with normal permissions (mkdtemp makes it private), to be published by rename."""
+    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
+    os.chmod(tmp, 0o777 & ~_umask())
+    return tmp
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write a file so that readers see the old or the new content, never half of it."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, data: Any) -> None:
+    write_atomic(path, json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
+
+
+def publish_dir(tmp: Path, final: Path) -> None:
+    """Move a fully written directory into place (replacing an older one)."""
+    if final.exists():
+        old = final.with_name(f".{final.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+class ProgressLog(TrainerCallback):
+    """Prints one line per logging step (step, loss, lr, tokens/s, ETA) and appends it to train_log.jsonl."""
+
+    def __init__(self, run_dir: Path, echo: bool = True):
+        self.path = run_dir / "train_log.jsonl"
+        self.echo = echo
+        self.t0 = self.t_last = time.perf_counter()
+        self.tokens_last = 0
+        self.phase = "train"
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.t0 = self.t_last = time.perf_counter()
+        self.tokens_last = state.num_input_tokens_seen or 0
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        t = time.perf_counter()
+        row: dict[str, Any] = {"step": state.global_step, "time": round(t - self.t0, 3)}
+        if "eval_loss" in logs:
+            row.update(phase=self.phase, eval_loss=logs["eval_loss"])
+            line = f"eval  step {state.global_step:>5} | eval loss {logs['eval_loss']:.4f}"
+        elif "loss" in logs:
+            tokens = state.num_input_tokens_seen or 0
+            rate = (tokens - self.tokens_last) / max(t - self.t_last, 1e-9)
+            self.t_last, self.tokens_last = t, tokens
+            row.update(loss=logs["loss"], lr=logs.get("learning_rate"), grad_norm=logs.get("grad_norm"),
+                       tokens=tokens, tokens_per_s=round(rate, 1))
+            done = state.global_step / max(state.max_steps, 1)
+            eta = (t - self.t0) / done * (1 - done) if done > 0 else 0.0
+            lr = logs.get("learning_rate")
+            line = (f"train step {state.global_step:>5}/{state.max_steps} | loss {logs['loss']:.4f} | "
+                    f"lr {lr if lr is not None else float('nan'):.2e} | {rate:,.0f} tok/s | eta {_duration(eta)}")
+        else:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.echo:
+            print(line, flush=True)
+
+
+def plot_losses(run_dir: Path) -> Path | None:
+    """loss.png from train_log.jsonl (training loss per step, eval loss points). None if nothing to plot."""
+    log = run_dir / "train_log.jsonl"
+    if not log.exists():
+        return None
+    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    if not train and not evals:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    if train:
+        ax.plot(*zip(*train), label="train loss", lw=1.5)
+    if evals:
+        ax.plot(*zip(*evals), "o--", label="eval loss", lw=1.2)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(run_dir.name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out = run_dir / "loss.png"
+    fig.savefig(out)
+    plt.close(fig)
+    return out
