@@ -100,7 +100,7 @@ def data_preview(
                                            m.vocab_size)
     else:
         tokenizer = models.load_tokenizer(m, m.tokenizer or models.model_source(m))
-    formatter = Formatter.for_training(d, tokenizer, label_set(train_rows, Formatter.for_training(d, tokenizer, [])))
+    formatter = Formatter.for_training(d, tokenizer, label_set(train_rows, d))
     rows = train_rows if split == "train" else read_rows(spec, d.eval_split, "data.eval")
     examples, report = encode_rows(rows, formatter, split, str(spec))
     typer.echo(f"task {d.task}, {formatter.spec.mode} template; supervised tokens are shown between ⟦ and ⟧")

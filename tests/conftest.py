@@ -37,7 +37,7 @@ def offline_env(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    """A 2-layer, 64-wide Llama with a BPE tokenizer trained on the sample corpus, saved to disk."""
+    """A 2-layer, 64-wide random Llama with a BPE tokenizer trained on the sample corpus, saved to disk."""
     from transformers import LlamaConfig, LlamaForCausalLM, set_seed
 
     from adapterkit.data.loading import SAMPLES
@@ -50,7 +50,10 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                         pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
+                         pad_token_id=tok.pad_token_id, tie_word_embeddings=True,
+                         # Wide enough an init that a frozen, tied embedding still lets adapters move the
+                         # logits (at the default 0.02 the reachable logit range is about +-1.3).
+                         initializer_range=0.3)
     LlamaForCausalLM(config).save_pretrained(out)
     tok.save_pretrained(out)
     return out

@@ -148,10 +148,13 @@ class Formatter:
         if not missing:
             return
         problems = []
+        claimed = {self.columns.get(f, f) for f in self.task.fields}
+        unclaimed = sorted(present - claimed)
         for f in missing:
             col = self.columns.get(f, f)
             guess = did_you_mean(col, sorted(present))
-            suggestion = guess.split("'")[1] if guess else "YOUR_COLUMN"
+            # A close name, else the one column no other field uses, else a placeholder.
+            suggestion = guess.split("'")[1] if guess else unclaimed[0] if len(unclaimed) == 1 else "YOUR_COLUMN"
             problems.append(Problem(source, f"task '{self.spec.task}' needs field '{f}', but there is no column "
                                     f"'{col}' (columns: {', '.join(sorted(present)) or 'none'})", f"data.columns.{f}",
                                     f"map it with data.columns.{f}={suggestion}"))
@@ -275,16 +278,19 @@ def _valid_messages(value: Any) -> bool:
     return any(m["role"] == "assistant" and m["content"].strip() for m in value)
 
 
-def label_set(rows: list[RawRow], formatter: Formatter) -> list[str]:
+def label_set(rows: list[RawRow], cfg: DataConfig) -> list[str]:
     """Sentiment labels as they appear in the training data, sorted; empty for other tasks."""
-    if formatter.task.name != "sentiment":
+    if cfg.task != "sentiment":
         return []
-    col = formatter.columns.get("label", "label")
+    col = cfg.columns.get("label", "label")
     return sorted({t.strip() for r in rows if (t := _text(r.values.get(col))) and t.strip()})
 
 
 def encode_rows(rows: list[RawRow], formatter: Formatter, split: str, source: str) -> tuple[list[dict], DataReport]:
     """Format and tokenize rows; drop (and count) rows that cannot train. Raw text is chunked, not cut."""
+    if not rows:
+        raise DataError(Problem(source, f"the {split} data is empty (no rows)", f"data.{split}",
+                                fix="check the file (or the hub split) holds rows"))
     report = DataReport(split=split, source=source, rows_read=len(rows))
     formatter.check_columns(rows, source)
     limit = formatter.spec.max_length

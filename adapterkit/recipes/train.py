@@ -45,7 +45,7 @@ def prepare_data(recipe: Recipe, tokenizer: Any, train_rows: list[RawRow] | None
     d = recipe.data
     if train_rows is None:
         train_rows = read_rows(d.train, d.train_split, "data.train")
-    labels = label_set(train_rows, Formatter.for_training(d, tokenizer, []))
+    labels = label_set(train_rows, d)
     formatter = Formatter.for_training(d, tokenizer, labels)
     train, train_report = encode_rows(train_rows, formatter, "train", _describe(d.train))
     reports = [train_report]
@@ -118,6 +118,7 @@ def run(recipe: Recipe, src: RecipeSource, force: bool = False, echo: bool = Tru
         callbacks: list[Any] | None = None) -> RunResult:
     """Train one recipe end to end. `callbacks` are extra transformers TrainerCallbacks."""
     import datasets
+    import torch
     from transformers import PrinterCallback, set_seed
     from trl import SFTTrainer
 
@@ -189,6 +190,12 @@ def run(recipe: Recipe, src: RecipeSource, force: bool = False, echo: bool = Tru
         callbacks=[progress, *(callbacks or [])],
     )
     trainer.remove_callback(PrinterCallback)  # ProgressLog prints a readable line instead of a dict
+    # trl casts QLoRA adapters to bf16. Keep every trainable weight in float32 instead (autocast still
+    # computes in half precision): tiny Adam updates survive, and the adapter reloaded by peft (which
+    # upcasts to float32) computes exactly what was trained.
+    for p in trainer.model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
     metrics: dict[str, Any] = {"trainable_parameters": trainable, "total_parameters": total}
     if evaluation:
         progress.phase = "before"

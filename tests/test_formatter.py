@@ -1,0 +1,171 @@
+"""The shared formatter: each task's template, the loss mask, column mapping and chat templates."""
+
+from __future__ import annotations
+
+import pytest
+
+from adapterkit.config import DataConfig
+from adapterkit.data.formatter import FALLBACK_CHAT_TEMPLATE, IGNORE, Formatter, encode_rows
+from adapterkit.data.loading import RawRow
+from adapterkit.errors import DataError
+from adapterkit.models import train_tokenizer
+
+CORPUS = [
+    "the film was great and the acting was wonderful", "a dull and boring movie", "Paris is the capital of France",
+    "Translate from English to German. The cat sleeps. Die Katze schläft.", "Summarize the document. Answer the question.",
+    "Classify the sentiment of the text as negative or positive. Sentiment: positive negative",
+] * 20
+
+ROWS = {
+    "qa": {"question": "What is the capital of France?", "context": "Paris is the capital of France.", "answer": "Paris"},
+    "summarization": {"document": "The film was long. The acting was great.", "summary": "A long film, well acted."},
+    "translation": {"source": "The cat sleeps.", "target": "Die Katze schläft.", "source_lang": "en", "target_lang": "de"},
+    "generation": {"instruction": "Give a synonym.", "input": "happy", "output": "glad"},
+    "sentiment": {"text": "a dull and boring movie", "label": "negative"},
+}
+EXPECTED_PROMPTS = {
+    "qa": "Answer the question using the context.\n\nContext: Paris is the capital of France.\n\n"
+          "Question: What is the capital of France?\nAnswer:",
+    "summarization": "Summarize the document.\n\nDocument: The film was long. The acting was great.\nSummary:",
+    "translation": "Translate from English to German.\n\nEnglish: The cat sleeps.\nTranslation:",
+    "generation": "Give a synonym.\n\nInput: happy\nResponse:",
+    "sentiment": "Classify the sentiment of the text as negative or positive.\n\nText: a dull and boring movie\nSentiment:",
+}
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_tokenizer(CORPUS, vocab_size=400)
+
+
+def make(tok, task: str, labels=("negative", "positive"), **cfg) -> Formatter:
+    return Formatter.for_training(DataConfig(task=task, **cfg), tok, list(labels) if task == "sentiment" else [])
+
+
+def supervised_text(tok, enc) -> str:
+    return tok.decode([i for i, lbl in zip(enc.input_ids, enc.labels) if lbl != IGNORE])
+
+
+@pytest.mark.parametrize("task", sorted(ROWS))
+def test_plain_template_and_mask(tok, task):
+    f = make(tok, task)
+    fields, reason = f.fields(RawRow(ROWS[task], "x:1"))
+    assert reason is None
+    record = f.record(fields)
+    assert record["prompt"] == EXPECTED_PROMPTS[task]
+    target = ROWS[task][f.task.target]
+    assert record["completion"] == " " + target
+    enc = f.encode(record)
+    # Only the completion and the EOS after it carry loss; the EOS is the very last token.
+    assert supervised_text(tok, enc) == " " + target + tok.eos_token
+    assert enc.input_ids[-1] == tok.eos_token_id and enc.labels[-1] == tok.eos_token_id
+    n_prompt = len(tok(record["prompt"], add_special_tokens=False).input_ids)
+    assert enc.labels[:n_prompt] == [IGNORE] * n_prompt
+
+
+def test_train_on_prompt_supervises_everything(tok):
+    f = make(tok, "qa", train_on_prompt=True)
+    enc = f.encode(f.record(ROWS["qa"]))
+    assert enc.labels == enc.input_ids
+
+
+def test_eos_stays_supervised_when_pad_equals_eos(tok):
+    """The collator trl uses must not mask EOS even when the pad token is EOS."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    f = make(tok, "sentiment")
+    short = f.encode(f.record(ROWS["sentiment"]))
+    long = f.encode(f.record({**ROWS["sentiment"], "text": ROWS["sentiment"]["text"] + " and far too long"}))
+    batch = DataCollatorForLanguageModeling(pad_token_id=tok.eos_token_id)(
+        [{"input_ids": short.input_ids, "labels": short.labels}, {"input_ids": long.input_ids, "labels": long.labels}])
+    n = len(short.input_ids)
+    assert batch["labels"][0, n - 1] == tok.eos_token_id  # EOS supervised
+    assert (batch["labels"][0, n:] == IGNORE).all()  # padding (also EOS ids) is not
+    assert (batch["input_ids"][0, n:] == tok.eos_token_id).all()
+
+
+def test_optional_fields_change_the_prompt(tok):
+    f = make(tok, "qa")
+    assert f.record({"question": "Who?", "answer": "me", "context": ""})["prompt"] == \
+        "Answer the question.\n\nQuestion: Who?\nAnswer:"
+    g = make(tok, "generation")
+    assert g.record({"instruction": "Say hi.", "input": "", "output": "hi"})["prompt"] == "Say hi.\nResponse:"
+
+
+def test_column_mapping_and_missing_column_message(tok):
+    f = make(tok, "sentiment", columns={"text": "review", "label": "stars"})
+    fields, _ = f.fields(RawRow({"review": "great", "stars": "positive"}, "x:1"))
+    assert fields == {"text": "great", "label": "positive"}
+    g = make(tok, "sentiment")
+    with pytest.raises(DataError) as e:
+        g.check_columns([RawRow({"review": "great", "label": "positive"}, "x:1")], "reviews.csv")
+    msg = str(e.value)
+    assert "no column 'text'" in msg and "columns: label, review" in msg and "data.columns.text=" in msg
+
+
+def test_custom_template(tok):
+    f = make(tok, "sentiment", template="Review: {text}\nLabel:")
+    rec = f.record(ROWS["sentiment"])
+    assert rec == {"prompt": "Review: a dull and boring movie\nLabel:", "completion": " negative"}
+
+
+def test_system_prompt_in_plain_mode(tok):
+    f = make(tok, "qa", system_prompt="Be brief.")
+    assert f.record(ROWS["qa"])["prompt"].startswith("Be brief.\n\nAnswer the question")
+
+
+def test_tokenizer_chat_template_is_used_for_tasks(tok):
+    tok2 = train_tokenizer(CORPUS, vocab_size=400)
+    tok2.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok2.chat_template = CHATML
+    f = make(tok2, "qa", system_prompt="Be brief.")
+    assert f.spec.mode == "chat_template"
+    rec = f.record(ROWS["qa"])
+    assert rec["prompt"][0] == {"role": "system", "content": "Be brief."}
+    assert rec["completion"] == [{"role": "assistant", "content": "Paris"}]
+    enc = f.encode(rec)
+    # The assistant turn (answer, end-of-turn, newline) plus EOS is supervised; the rest is not.
+    assert supervised_text(tok2, enc) == "Paris<|im_end|>\n" + tok2.eos_token
+    assert f.prompt_text(ROWS["qa"]).endswith("<|im_start|>assistant\n")
+
+
+def test_chat_masks_every_assistant_turn_and_nothing_else(tok):
+    f = make(tok, "chat")
+    assert f.spec.chat_template == FALLBACK_CHAT_TEMPLATE  # no template: the fallback, saved with the model
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                {"role": "user", "content": "bye"}, {"role": "assistant", "content": "goodbye"}]
+    fields, _ = f.fields(RawRow({"messages": messages}, "x:1"))
+    enc = f.encode(f.record(fields))
+    assert supervised_text(tok, enc) == f"hello{tok.eos_token}\ngoodbye{tok.eos_token}\n"
+    assert tok.decode(enc.input_ids) == ("<|user|>\nhi\n<|assistant|>\nhello" + tok.eos_token + "\n<|user|>\nbye\n"
+                                         "<|assistant|>\ngoodbye" + tok.eos_token + "\n")
+
+
+def test_text_is_fully_supervised_and_chunked_not_cut(tok):
+    f = make(tok, "text", max_length=16)
+    long = " ".join(["the film was great"] * 30)
+    examples, report = encode_rows([RawRow({"text": long}, "x:1")], f, "train", "x")
+    assert len(examples) > 1 and all(len(e["input_ids"]) <= 16 for e in examples)
+    total = sum(len(e["input_ids"]) for e in examples)
+    assert total == len(tok(long, add_special_tokens=False).input_ids) + 1  # every token kept, plus EOS
+    assert report.truncated == 0
+
+
+def test_rows_without_supervised_tokens_are_dropped_and_counted(tok):
+    f = make(tok, "qa", max_length=40)
+    rows = [RawRow({"question": "What is the capital of France and why is it Paris, really?",
+                    "context": "Paris is the capital of France. " * 5, "answer": "Paris"}, "x:1"),
+            RawRow({"question": "Who?", "context": "", "answer": "me"}, "x:2"),
+            RawRow({"question": "Who?", "context": "", "answer": ""}, "x:3")]
+    examples, report = encode_rows(rows, f, "train", "x")
+    assert len(examples) == 1
+    assert report.dropped == {"no supervised token within max_length=40": 1, "empty 'answer'": 1}
+    assert all(any(lbl != IGNORE for lbl in e["labels"]) for e in examples)
+
+
+def test_sentiment_label_outside_the_set_is_dropped(tok):
+    f = make(tok, "sentiment")
+    _, reason = f.fields(RawRow({"text": "ok", "label": "neutral"}, "x:1"))
+    assert "not in the label set" in reason

@@ -1,0 +1,115 @@
+"""One table drives every training method through the same behavioural checks:
+only the intended parameters train, the base stays frozen, the loss falls on a batch the model
+can memorise, and the saved model or adapter, reloaded, gives the same logits."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from adapterkit.config import load_recipe
+from adapterkit.recipes.train import run
+from conftest import write_jsonl
+
+# (id, method, extra overrides, learning rate, what must be trainable)
+TABLE = [
+    ("full", "full", [], 3e-3, lambda n: True),
+    ("lora", "lora", [], 1e-2, lambda n: "lora_" in n),
+    ("lora-dora", "lora", ["adapter.lora.dora=true"], 1e-2, lambda n: "lora_" in n),
+    ("lora-rslora", "lora", ["adapter.lora.rslora=true"], 1e-2, lambda n: "lora_" in n),
+    ("qlora", "qlora", [], 1e-2, lambda n: "lora_" in n),
+    ("prompt_tuning", "prompt_tuning", [], 1e-1, lambda n: "prompt_encoder" in n),
+    ("prefix_tuning", "prefix_tuning", [], 1e-1, lambda n: "prompt_encoder" in n),
+    ("p_tuning", "p_tuning", [], 1e-2, lambda n: "prompt_encoder" in n),
+]
+
+MEMO = [{"text": t, "label": lbl} for t, lbl in [
+    ("the film was great", "positive"), ("a dull movie", "negative"), ("wonderful acting", "positive"),
+    ("boring and slow", "negative"), ("I loved every minute", "positive"), ("a waste of time", "negative"),
+    ("the best meal in town", "positive"), ("cold soup and rude staff", "negative"),
+]]
+
+
+class Snapshot(TrainerCallback):
+    """Copies of every parameter before and after training, and which ones were trainable."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        self.before = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self.after = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def load_saved(method: str, out, tiny_model_dir):
+    """The final model as a user would load it: plain transformers, plus peft for adapters."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    if method == "full":
+        return AutoModelForCausalLM.from_pretrained(out / "model")
+    from peft import PeftModel
+
+    kwargs = {}
+    if method == "qlora":
+        kwargs = dict(quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                             bnb_4bit_use_double_quant=True,
+                                                             bnb_4bit_compute_dtype=torch.float32),
+                      device_map={"": "cpu"})
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, **kwargs)
+    return PeftModel.from_pretrained(base, out / "model")
+
+
+@pytest.mark.parametrize("name, method, extra, lr, intended", TABLE, ids=[row[0] for row in TABLE])
+def test_method_behaviour(tmp_path, tiny_model_dir, name, method, extra, lr, intended):
+    data = write_jsonl(tmp_path / "memo.jsonl", MEMO)
+    recipe, src = load_recipe("lora-sentiment", [
+        f"model.name_or_path={tiny_model_dir}", f"adapter.method={method}", *extra,
+        f"data.train={data}", "data.eval=null", "train.max_steps=30", f"train.lr={lr}", "train.warmup_ratio=0",
+        "train.schedule=constant", "train.batch_size=8", "train.log_every=1", "train.save_every=null",
+        "train.precision=fp32", f"output_dir={tmp_path / 'run'}",
+    ] + (["adapter.lora.dropout=0"] if "lora" in method else []))
+    snap = Snapshot()
+    result = run(recipe, src, echo=False, callbacks=[snap])
+
+    # Only the intended parameters train, and all of them change.
+    assert snap.trainable and all(intended(n) for n in snap.trainable), sorted(snap.trainable)[:5]
+    changed = {n for n in snap.before if not torch.equal(snap.before[n], snap.after[n])}
+    assert changed <= snap.trainable, sorted(changed - snap.trainable)[:5]  # the base stays frozen
+    assert changed == snap.trainable, sorted(snap.trainable - changed)[:5]
+
+    # The loss falls well below where it started on a batch the model can memorise.
+    log = [json.loads(line) for line in (result.out / "train_log.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in log if "loss" in r]
+    assert losses[-1] < 0.5 * losses[0], losses
+
+    # Saved and reloaded, it gives the logits it had in memory.
+    batch = result.tokenizer(["the film was great", "a dull movie and boring"], return_tensors="pt", padding=True)
+    trained = result.model.eval()
+    reloaded = load_saved(method, result.out, tiny_model_dir).eval()
+    with torch.no_grad():
+        a = trained(**batch).logits.float()
+        b = reloaded(**batch).logits.float()
+    assert a.shape == b.shape
+    assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+
+
+def test_qlora_base_is_really_4bit_and_trains(tmp_path, tiny_model_dir):
+    import bitsandbytes as bnb
+
+    data = write_jsonl(tmp_path / "memo.jsonl", MEMO)
+    recipe, src = load_recipe("qlora-qa", [
+        f"model.name_or_path={tiny_model_dir}", "data.task=sentiment", f"data.train={data}", "data.eval=null",
+        "train.max_steps=3", "train.save_every=null", f"output_dir={tmp_path / 'run'}",
+    ])
+    result = run(recipe, src, echo=False)
+    base = result.model.get_base_model()
+    linear4 = [m for m in base.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    # every projection in every block: q, k, v, o, gate, up, down
+    assert len(linear4) == 7 * base.config.num_hidden_layers
+    for layer in linear4:
+        assert layer.weight.dtype == torch.uint8 and layer.weight.quant_state.quant_type == "nf4"
+        assert layer.weight.quant_state.nested  # double quantisation: the absmax constants are quantised too
+        assert not layer.weight.requires_grad
