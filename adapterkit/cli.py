@@ -12,6 +12,7 @@ Errors in the user's input (AdapterkitError) are printed without a traceback and
 from __future__ import annotations
 
 import sys
+import warnings
 from typing import Optional
 
 import click
@@ -129,6 +130,8 @@ def _marked(tokenizer, ids: list[int], labels: list[int], ignore: int) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the CLI, turning user errors into a message and exit code 2."""
+    # Deprecations inside the libraries we call are for us to fix, not for users to read.
+    warnings.filterwarnings("ignore", message=r".*deprecated and will be removed in v6", category=FutureWarning)
     try:
         code = app(args=argv, standalone_mode=False)
     except AdapterkitError as e:

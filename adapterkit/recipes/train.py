@@ -104,64 +104,17 @@ def _sft_config(recipe: Recipe, out: Path, precision: str, dev: Any, has_eval: b
     )
 
 
-@dataclass
-class RunResult:
-    """What `run` leaves: the run directory, and the trained model and tokenizer still in memory."""
-
-    out: Path
-    model: Any
-    tokenizer: Any
-    metrics: dict[str, Any]
-
-
-def run(recipe: Recipe, src: RecipeSource, force: bool = False, echo: bool = True,
-        callbacks: list[Any] | None = None) -> RunResult:
-    """Train one recipe end to end. `callbacks` are extra transformers TrainerCallbacks."""
+def _train(recipe: Recipe, out: Path, dev: Any, method: Any, source: str | None, config: Any, tokenizer: Any,
+           train: list[dict], evaluation: list[dict] | None, precision: str, echo: bool,
+           callbacks: list[Any] | None) -> tuple[Any, dict[str, Any]]:
+    """Load or build the model, wrap it for the method, and train it; eval loss before and after."""
     import datasets
     import torch
-    from transformers import PrinterCallback, set_seed
+    from transformers import PrinterCallback
     from trl import SFTTrainer
 
     say = print if echo else (lambda *a, **k: None)
-    datasets.disable_progress_bars()
-    out = Path(recipe.output_dir)
-    rundir.check_output_dir(out, force)
-    dev = models.device()
-    method = METHODS[recipe.adapter.method]
     m = recipe.model
-    set_seed(recipe.train.seed)
-
-    # Tokenizer and data first: bad data must fail before a model is loaded or a file is written.
-    if m.init == "scratch":
-        source = None
-        train_rows = read_rows(recipe.data.train, recipe.data.train_split, "data.train")
-        if m.tokenizer:
-            tokenizer = models.load_tokenizer(m, m.tokenizer)
-        else:
-            say(f"tokenizer: training a byte-level BPE tokenizer (vocab {m.vocab_size}) on the corpus")
-            tokenizer = models.train_tokenizer((r.values.get(recipe.data.columns.get("text", "text")) or ""
-                                                for r in train_rows), m.vocab_size)
-    else:
-        source = models.model_source(m)
-        tokenizer = models.load_tokenizer(m, source)
-        train_rows = None
-    formatter, train, evaluation, reports = prepare_data(recipe, tokenizer, train_rows)
-    config = models.scratch_config(m, tokenizer) if m.init == "scratch" else models.load_config(m, source)
-    precision = models.resolve_precision(recipe.train.precision, dev,
-                                         models.count_parameters(config, m.trust_remote_code))
-    say(f"data ({formatter.spec.task}, {formatter.spec.mode} template)")
-    for report in reports:
-        say("  " + report.summary())
-
-    rundir.start(out, force, dump_recipe(recipe), {
-        "recipe": src.name, "recipe_path": src.path, "overrides": src.command_line, "stage": recipe.stage,
-        "method": method.name, "task": recipe.data.task, "seed": recipe.train.seed, "device": str(dev),
-        "precision": precision, "model_source": source or "scratch",
-        "data": {"train": _data_files(recipe.data.train, recipe.data.train_split),
-                 "eval": _data_files(recipe.data.eval, recipe.data.eval_split)},
-    })
-    rundir.write_json(out / "data_report.json", [r.to_dict() for r in reports])
-
     # Model: built from scratch, or loaded (4-bit for qlora) and wrapped for the method.
     if m.init == "scratch":
         model = models.build_model(config, recipe.train.seed)
@@ -209,7 +162,74 @@ def run(recipe: Recipe, src: RecipeSource, force: bool = False, echo: bool = Tru
         progress.phase = "after"
         metrics["eval_loss_after"] = trainer.evaluate()["eval_loss"]
 
-    save_final(trainer, tokenizer, formatter, out)
+    return trainer, metrics
+
+
+@dataclass
+class RunResult:
+    """What `run` leaves: the run directory, and the trained model and tokenizer still in memory."""
+
+    out: Path
+    model: Any
+    tokenizer: Any
+    metrics: dict[str, Any]
+
+
+def run(recipe: Recipe, src: RecipeSource, force: bool = False, echo: bool = True,
+        callbacks: list[Any] | None = None) -> RunResult:
+    """Train one recipe end to end. `callbacks` are extra transformers TrainerCallbacks."""
+    import datasets
+    from transformers import set_seed
+    from transformers.utils import logging as hf_logging
+
+    say = print if echo else (lambda *a, **k: None)
+    datasets.disable_progress_bars()
+    hf_logging.disable_progress_bar()  # the ProgressLog line is the progress display
+    out = Path(recipe.output_dir)
+    rundir.check_output_dir(out, force)
+    dev = models.device()
+    method = METHODS[recipe.adapter.method]
+    m = recipe.model
+    set_seed(recipe.train.seed)
+
+    # Tokenizer and data first: bad data must fail before a model is loaded or a file is written.
+    if m.init == "scratch":
+        source = None
+        train_rows = read_rows(recipe.data.train, recipe.data.train_split, "data.train")
+        if m.tokenizer:
+            tokenizer = models.load_tokenizer(m, m.tokenizer)
+        else:
+            say(f"tokenizer: training a byte-level BPE tokenizer (vocab {m.vocab_size}) on the corpus")
+            tokenizer = models.train_tokenizer((r.values.get(recipe.data.columns.get("text", "text")) or ""
+                                                for r in train_rows), m.vocab_size)
+    else:
+        source = models.model_source(m)
+        tokenizer = models.load_tokenizer(m, source)
+        train_rows = None
+    formatter, train, evaluation, reports = prepare_data(recipe, tokenizer, train_rows)
+    config = models.scratch_config(m, tokenizer) if m.init == "scratch" else models.load_config(m, source)
+    precision = models.resolve_precision(recipe.train.precision, dev,
+                                         models.count_parameters(config, m.trust_remote_code))
+    say(f"data ({formatter.spec.task}, {formatter.spec.mode} template)")
+    for report in reports:
+        say("  " + report.summary())
+
+    rundir.start(out, force, dump_recipe(recipe), {
+        "recipe": src.name, "recipe_path": src.path, "overrides": src.command_line, "stage": recipe.stage,
+        "method": method.name, "task": recipe.data.task, "seed": recipe.train.seed, "device": str(dev),
+        "precision": precision, "model_source": source or "scratch",
+        "data": {"train": _data_files(recipe.data.train, recipe.data.train_split),
+                 "eval": _data_files(recipe.data.eval, recipe.data.eval_split)},
+    })
+    rundir.write_json(out / "data_report.json", [r.to_dict() for r in reports])
+
+    try:
+        trainer, metrics = _train(recipe, out, dev, method, source, config, tokenizer, train, evaluation, precision,
+                                  echo, callbacks)
+        save_final(trainer, tokenizer, formatter, out)
+    except BaseException as e:
+        rundir.update_manifest(out, status="failed", finished=rundir.now(), error=f"{type(e).__name__}: {e}")
+        raise
     rundir.plot_losses(out)
     rundir.update_manifest(out, status="completed", finished=rundir.now(), metrics=metrics)
     if evaluation:
