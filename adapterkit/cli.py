@@ -82,28 +82,20 @@ def data_preview(
     split: str = typer.Option("train", help="train or eval."),
 ) -> None:
     """Show formatted examples as training sees them; the supervised tokens are between ⟦ and ⟧."""
-    from adapterkit import models
     from adapterkit.config import load_recipe
-    from adapterkit.data.formatter import IGNORE, Formatter, encode_rows, label_set
-    from adapterkit.data.loading import read_rows
+    from adapterkit.data.formatter import IGNORE
     from adapterkit.errors import ConfigError, Problem
+    from adapterkit.recipes.train import prepare_data, tokenizer_for
 
     if split not in ("train", "eval"):
         raise ConfigError(Problem("--split", f"'{split}' is not a split", fix="use --split train or --split eval"))
     recipe, _ = load_recipe(name, overrides or [])
-    d, m = recipe.data, recipe.model
-    spec = d.train if split == "train" else d.eval
-    if spec is None:
+    d = recipe.data
+    if split == "eval" and d.eval is None:
         raise ConfigError(Problem("data.eval", "the recipe has no eval data", fix="use --split train"))
-    train_rows = read_rows(d.train, d.train_split, "data.train")
-    if m.init == "scratch" and not m.tokenizer:
-        tokenizer = models.train_tokenizer((r.values.get(d.columns.get("text", "text")) or "" for r in train_rows),
-                                           m.vocab_size)
-    else:
-        tokenizer = models.load_tokenizer(m, m.tokenizer or models.model_source(m))
-    formatter = Formatter.for_training(d, tokenizer, label_set(train_rows, d))
-    rows = train_rows if split == "train" else read_rows(spec, d.eval_split, "data.eval")
-    examples, report = encode_rows(rows, formatter, split, str(spec))
+    _, tokenizer, train_rows = tokenizer_for(recipe)
+    formatter, train, evaluation, reports = prepare_data(recipe, tokenizer, train_rows)
+    examples, report = (train, reports[0]) if split == "train" else (evaluation, reports[1])
     typer.echo(f"task {d.task}, {formatter.spec.mode} template; supervised tokens are shown between ⟦ and ⟧")
     typer.echo(report.summary())
     for i, ex in enumerate(examples[:n]):

@@ -118,10 +118,10 @@ def _hub_error(what: str, name: str, err: Exception) -> AdapterkitError:
 
 
 def load_tokenizer(cfg: ModelConfig, source: str) -> Any:
-    """The tokenizer for a pretrained model; gives it a pad token when it has none."""
+    """The tokenizer at `source` (hub id or dir); gives it a pad token when it has none."""
     from transformers import AutoTokenizer
 
-    name = cfg.tokenizer or source
+    name = source
     try:
         tok = AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as e:

@@ -39,6 +39,22 @@ def _data_files(spec: str | list[str] | None, split: str) -> list[dict[str, str]
     return out
 
 
+def tokenizer_for(recipe: Recipe, say: Any = print) -> tuple[str | None, Any, list[RawRow] | None]:
+    """(model source, tokenizer, train rows if they had to be read already).
+
+    A scratch model without a given tokenizer gets a byte-level BPE trained on its training data."""
+    m, d = recipe.model, recipe.data
+    if m.init != "scratch":
+        source = models.model_source(m)
+        return source, models.load_tokenizer(m, m.tokenizer or source), None
+    train_rows = read_rows(d.train, d.train_split, "data.train")
+    if m.tokenizer:
+        return None, models.load_tokenizer(m, m.tokenizer), train_rows
+    say(f"tokenizer: training a byte-level BPE tokenizer (vocab {m.vocab_size}) on the corpus")
+    texts = (r.values.get(d.columns.get("text", "text")) or "" for r in train_rows)
+    return None, models.train_tokenizer(texts, m.vocab_size), train_rows
+
+
 def prepare_data(recipe: Recipe, tokenizer: Any, train_rows: list[RawRow] | None = None
                  ) -> tuple[Formatter, list[dict], list[dict] | None, list[DataReport]]:
     """Read, format and tokenize the train (and eval) data. Raises DataError when nothing can train."""
@@ -193,19 +209,7 @@ def run(recipe: Recipe, src: RecipeSource, force: bool = False, echo: bool = Tru
     set_seed(recipe.train.seed)
 
     # Tokenizer and data first: bad data must fail before a model is loaded or a file is written.
-    if m.init == "scratch":
-        source = None
-        train_rows = read_rows(recipe.data.train, recipe.data.train_split, "data.train")
-        if m.tokenizer:
-            tokenizer = models.load_tokenizer(m, m.tokenizer)
-        else:
-            say(f"tokenizer: training a byte-level BPE tokenizer (vocab {m.vocab_size}) on the corpus")
-            tokenizer = models.train_tokenizer((r.values.get(recipe.data.columns.get("text", "text")) or ""
-                                                for r in train_rows), m.vocab_size)
-    else:
-        source = models.model_source(m)
-        tokenizer = models.load_tokenizer(m, source)
-        train_rows = None
+    source, tokenizer, train_rows = tokenizer_for(recipe, say)
     formatter, train, evaluation, reports = prepare_data(recipe, tokenizer, train_rows)
     config = models.scratch_config(m, tokenizer) if m.init == "scratch" else models.load_config(m, source)
     precision = models.resolve_precision(recipe.train.precision, dev,
