@@ -113,3 +113,28 @@ def test_qlora_base_is_really_4bit_and_trains(tmp_path, tiny_model_dir):
         assert layer.weight.dtype == torch.uint8 and layer.weight.quant_state.quant_type == "nf4"
         assert layer.weight.quant_state.nested  # double quantisation: the absmax constants are quantised too
         assert not layer.weight.requires_grad
+
+
+def test_packed_sft_trains_and_never_attends_across_examples(tmp_path, tiny_model_dir):
+    """With packing, each sequence holds several examples; position ids restart at each one, so the
+    logits of a packed example equal its logits alone."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    data = write_jsonl(tmp_path / "memo.jsonl", MEMO)
+    recipe, src = load_recipe("lora-sentiment", [
+        f"model.name_or_path={tiny_model_dir}", f"data.train={data}", "data.eval=null", "data.packing=true",
+        "train.max_steps=20", "train.lr=1e-2", "train.schedule=constant", "train.log_every=1",
+        "train.save_every=null", "train.precision=fp32", "adapter.lora.dropout=0", f"output_dir={tmp_path / 'run'}",
+    ])
+    result = run(recipe, src, echo=False)
+    losses = [json.loads(line)["loss"] for line in (result.out / "train_log.jsonl").read_text().splitlines()
+              if '"loss"' in line]
+    assert losses[-1] < 0.5 * losses[0], losses
+    tok, model = result.tokenizer, result.model.eval()
+    a, b = (tok(t, add_special_tokens=False).input_ids for t in ("the film was great", "a dull movie"))
+    packed = DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id, padding_free=True)(
+        [{"input_ids": a}, {"input_ids": b}])
+    with torch.no_grad():
+        together = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"]).logits[0]
+        alone = model(input_ids=torch.tensor([b])).logits[0]
+    assert torch.allclose(together[len(a):], alone, atol=1e-5)
