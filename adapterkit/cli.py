@@ -58,9 +58,14 @@ def recipe_run(
     name: str = typer.Argument(..., help="A shipped recipe's name or a YAML path."),
     overrides: Optional[list[str]] = OVERRIDES,
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved recipe and stop."),
-    force: bool = typer.Option(False, "--force", help="Replace the run already in output_dir."),
+    force: bool = typer.Option(False, "--force", help="Write into an output_dir that is not an adapterkit run."),
+    restart: bool = typer.Option(False, "--restart", help="Discard the run in output_dir and start over."),
+    resume_anyway: bool = typer.Option(False, "--resume-anyway",
+                                       help="Resume even though the recipe or data changed since the checkpoint."),
 ) -> None:
-    """Run a recipe: validate it, then train and write the run directory."""
+    """Run a recipe: validate it, then train and write the run directory.
+
+    Re-running the same command on an interrupted run resumes from its newest checkpoint."""
     from adapterkit.config import dump_recipe, load_recipe
 
     recipe, src = load_recipe(name, overrides or [])
@@ -71,7 +76,7 @@ def recipe_run(
         return
     from adapterkit.recipes.train import run
 
-    run(recipe, src, force=force)
+    run(recipe, src, force=force, restart=restart, resume_anyway=resume_anyway)
 
 
 @data_app.command("preview")
@@ -128,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
         code = app(args=argv, standalone_mode=False)
     except AdapterkitError as e:
         typer.echo(f"error: {e.render()}", err=True)
-        sys.exit(2)
+        sys.exit(e.exit_code)
     except click.exceptions.ClickException as e:
         e.show()
         sys.exit(e.exit_code)

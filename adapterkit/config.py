@@ -143,6 +143,9 @@ class DataConfig:
     """Also compute the loss on prompt tokens, not only on the completion."""
     system_prompt: str | None = None
     """System message for tokenizers with a chat template (and prepended to plain-template prompts)."""
+    max_dropped: float = 0.05
+    """Largest fraction of training rows that may be dropped (missing or empty field, no supervised
+    token within max_length, duplicate) before the run refuses to start."""
     template: str | None = None
     """Plain prompt template overriding the task's, with `{field}` placeholders, e.g. `"Review: {text}\\nLabel:"`."""
 
@@ -418,6 +421,8 @@ def _check(recipe: Recipe, src: RecipeSource) -> list[Problem]:
         at_least(f"model.architecture.{name}", value, 1)
     if not 0 <= a.lora.dropout < 1:
         bad("adapter.lora.dropout", f"{a.lora.dropout!r} is out of range", "use a value in [0, 1)")
+    if not 0 <= d.max_dropped <= 1:
+        bad("data.max_dropped", f"{d.max_dropped!r} is out of range", "use a fraction in [0, 1], e.g. 0.05")
     if not 0 <= t.warmup_ratio < 1:
         bad("train.warmup_ratio", f"{t.warmup_ratio!r} is out of range", "use a value in [0, 1)")
     if t.max_steps is None and t.epochs <= 0:

@@ -38,6 +38,8 @@ class Problem:
 class AdapterkitError(Exception):
     """A problem with the user's input, reported together and without a traceback."""
 
+    exit_code = 2
+
     def __init__(self, problems: Problem | str | Iterable[Problem], title: str | None = None):
         if isinstance(problems, str):
             problems = [Problem(where="", message=problems)]
@@ -65,6 +67,12 @@ class ConfigError(AdapterkitError):
 
 class DataError(AdapterkitError):
     """A data file is missing, malformed or does not fit the task."""
+
+
+class TrainingStopped(AdapterkitError):
+    """A guard stopped training (non-finite loss or gradients); the last good checkpoint is kept."""
+
+    exit_code = 3
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str | None:

@@ -56,25 +56,80 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def check_output_dir(path: Path, force: bool) -> None:
-    """Refuse, before anything is written, an output dir we could not or should not write into."""
+def fingerprint(recipe: dict[str, Any]) -> str:
+    """Hash of everything in a resolved recipe that decides the training (all but output_dir)."""
+    text = json.dumps({k: v for k, v in recipe.items() if k != "output_dir"}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix.rstrip("."): d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}."))
+    return out
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint. Checkpoints are published by rename once fully written, so
+    every `checkpoint-N` is complete; half-written ones only ever exist under a `.staging-` name."""
+    found = [p for p in (run_dir / "checkpoints").glob("checkpoint-*")
+             if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").is_file()]
+    return max(found, key=lambda p: int(p.name.split("-")[-1])) if found else None
+
+
+def plan_output_dir(path: Path, recipe: dict[str, Any], data: dict[str, Any], force: bool = False,
+                    restart: bool = False, resume_anyway: bool = False) -> Path | None:
+    """Decide, before anything is written, what to do with `output_dir`: start fresh (None) or resume
+    from the returned checkpoint. Refuses dirs it should not touch and changed recipes or data."""
     if path.exists() and not path.is_dir():
         raise AdapterkitError(Problem("output_dir", f"'{path}' is a file, not a directory",
                                       fix="choose another output_dir"))
-    if path.is_dir() and any(path.iterdir()) and not force:
-        if (path / MANIFEST).is_file():
-            raise AdapterkitError(Problem("output_dir", f"'{path}' already holds an adapterkit run",
-                                          fix="choose another output_dir, or pass --force to replace that run"))
+    parent = next(p for p in [path, *path.parents] if p.exists())
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise AdapterkitError(Problem("output_dir", f"cannot create '{path}': '{parent}' is not a writable directory",
+                                      fix="choose another output_dir"))
+    if not path.is_dir() or not any(path.iterdir()):
+        return None
+    if not (path / MANIFEST).is_file():
+        if force:
+            return None
         raise AdapterkitError(Problem("output_dir", f"'{path}' is not empty and is not an adapterkit run",
                                       fix="choose an empty or new output_dir (or pass --force to write into it)"))
-    parent = path if path.exists() else next(p for p in path.parents if p.exists())
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise AdapterkitError(Problem("output_dir", f"'{parent}' is not writable", fix="choose another output_dir"))
+    if restart:
+        return None
+    manifest = json.loads((path / MANIFEST).read_text())
+    if manifest.get("status") == "completed":
+        raise AdapterkitError(Problem("output_dir", f"'{path}' already holds a completed run",
+                                      fix="choose another output_dir, or pass --restart to train it again from scratch"))
+    checkpoint = latest_checkpoint(path)
+    if checkpoint is None:
+        return None
+    changes = []
+    if manifest.get("fingerprint") != fingerprint(recipe):
+        try:
+            import yaml
+
+            old = _flat(yaml.safe_load((path / "recipe.yaml").read_text()))
+        except Exception:  # an unreadable old recipe is still "changed"
+            old = {}
+        new = _flat(recipe)
+        keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k != "output_dir")
+        changes.append("recipe keys " + ", ".join(f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in keys[:6]))
+    if manifest.get("data") != data:
+        changes.append("the data files (their sha256 differ)")
+    if changes and not resume_anyway:
+        raise AdapterkitError(Problem("output_dir", f"'{path}' holds an interrupted run whose {' and '.join(changes)} "
+                                      f"changed since {checkpoint.name}",
+                                      fix="re-run the original recipe to resume, pass --resume-anyway to resume "
+                                          "with the new one, or --restart to start over"))
+    return checkpoint
 
 
-def start(path: Path, force: bool, recipe_yaml: str, manifest: dict[str, Any]) -> None:
-    """Create the run dir (clearing a previous run's files with --force) and write the recipe and manifest."""
-    if force and (path / MANIFEST).is_file():
+def start(path: Path, clear: bool, recipe_yaml: str, manifest: dict[str, Any]) -> None:
+    """Create the run dir (clearing a previous run's files if asked) and write the recipe and manifest."""
+    if clear and (path / MANIFEST).is_file():
         for name in RUN_FILES:
             target = path / name
             if target.is_dir():
@@ -86,6 +141,22 @@ def start(path: Path, force: bool, recipe_yaml: str, manifest: dict[str, Any]) -
     manifest = {**manifest, "status": "running", "started": now(), "versions": versions(),
                 "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:])}
     write_json(path / MANIFEST, manifest)
+
+
+def resume(path: Path, checkpoint: Path) -> int:
+    """Mark the run resumed from `checkpoint` and forget log lines written after it; returns its step."""
+    step = int(checkpoint.name.split("-")[-1])
+    manifest = json.loads((path / MANIFEST).read_text())
+    resumed = manifest.get("resumed", []) + [{"at": now(), "from_step": step}]
+    update_manifest(path, status="running", resumed=resumed, finished=None, error=None)
+    log = path / "train_log.jsonl"
+    if log.exists():
+        keep = [line for line in log.read_text().splitlines()
+                if line.strip() and (json.loads(line)["step"] <= step)]
+        write_atomic(log, "".join(line + "\n" for line in keep))
+    for stale in (path / "checkpoints").glob(".staging-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    return step
 
 
 def update_manifest(path: Path, **fields: Any) -> None:
@@ -124,6 +195,15 @@ def write_atomic(path: Path, text: str) -> None:
 
 def write_json(path: Path, data: Any) -> None:
     write_atomic(path, json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename in `path` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def publish_dir(tmp: Path, final: Path) -> None:

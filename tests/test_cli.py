@@ -63,7 +63,7 @@ def test_run_and_preview_through_the_cli(capsys, tmp_path, tiny_model_dir):
     # Running again into the same output_dir is refused; the run is untouched.
     before = (run_dir / "manifest.json").read_text()
     code, _, err = cli(capsys, "recipe", "run", "lora-sentiment", *common, f"output_dir={run_dir}")
-    assert code == 2 and "already holds an adapterkit run" in err and "--force" in err
+    assert code == 2 and "already holds a completed run" in err and "--restart" in err
     assert (run_dir / "manifest.json").read_text() == before
 
 

@@ -71,6 +71,8 @@ class DataReport:
     examples: int = 0
     dropped: Counter = field(default_factory=Counter)
     truncated: int = 0
+    eos_supervised: int = 0
+    """Examples whose completion ends in a supervised EOS (all of them but the truncated ones)."""
     tokens: int = 0
     supervised_tokens: int = 0
     labels: Counter = field(default_factory=Counter)
@@ -79,7 +81,7 @@ class DataReport:
         dropped = sum(self.dropped.values())
         text = (f"{self.split}: {self.rows_read} rows from {self.source} -> {self.examples} examples "
                 f"({dropped} dropped, {self.truncated} truncated), {self.tokens:,} tokens "
-                f"({self.supervised_tokens:,} supervised)")
+                f"({self.supervised_tokens:,} supervised; EOS supervised in {self.eos_supervised} rows)")
         for reason, n in sorted(self.dropped.items()):
             text += f"\n    dropped {n}: {reason}"
         if self.labels:
@@ -295,18 +297,31 @@ def encode_rows(rows: list[RawRow], formatter: Formatter, split: str, source: st
     formatter.check_columns(rows, source)
     limit = formatter.spec.max_length
     examples: list[dict] = []
+    seen: set[str] = set()
     for raw in rows:
         fields, reason = formatter.fields(raw)
+        if fields is None and reason.startswith("label not in") and split == "eval":
+            col = formatter.columns.get("label", "label")
+            raise DataError(Problem(raw.where, f"label {raw.values.get(col)!r} is not in the training label set "
+                                    f"({', '.join(formatter.spec.labels)})", f"data.{split}",
+                                    fix="fix the label, or add training rows that use it"))
         if fields is None:
             report.dropped[reason] += 1
             continue
-        enc = formatter.encode(formatter.record(fields))
+        record = formatter.record(fields)
+        key = json.dumps(record, sort_keys=True, ensure_ascii=False)
+        if key in seen:
+            report.dropped["duplicate of an earlier row"] += 1
+            continue
+        seen.add(key)
+        enc = formatter.encode(record)
         chunks = [(enc.input_ids[i:i + limit], enc.labels[i:i + limit]) for i in range(0, len(enc.input_ids), limit)]
         supervised = sum(lbl != IGNORE for lbl in enc.labels)
         if supervised == 0:
             report.dropped[f"no supervised token within max_length={limit}"] += 1
             continue
         report.truncated += enc.truncated
+        report.eos_supervised += formatter.tokenizer.eos_token_id in [lbl for lbl in enc.labels if lbl != IGNORE]
         report.tokens += len(enc.input_ids)
         report.supervised_tokens += supervised
         if formatter.task.name == "sentiment":

@@ -10,6 +10,9 @@ Everything that can be wrong with the user's input is found before the output di
 
 from __future__ import annotations
 
+import errno
+import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,10 +20,10 @@ from typing import Any
 from adapterkit import models, rundir
 from adapterkit.adapters import METHODS, trainable_parameters
 from adapterkit.adapters.lora import quantization_config
-from adapterkit.config import Recipe, RecipeSource, dump_recipe
+from adapterkit.config import Recipe, RecipeSource, dump_recipe, recipe_to_dict
 from adapterkit.data.formatter import DataReport, Formatter, encode_rows, label_set
 from adapterkit.data.loading import RawRow, read_rows, resolve_sample
-from adapterkit.errors import DataError, Problem
+from adapterkit.errors import AdapterkitError, DataError, Problem, TrainingStopped
 
 
 def _describe(spec: str | list[str] | None) -> str:
@@ -69,6 +72,14 @@ def prepare_data(recipe: Recipe, tokenizer: Any, train_rows: list[RawRow] | None
         reasons = "; ".join(f"{n} {r}" for r, n in train_report.dropped.items()) or "the data is empty"
         raise DataError(Problem(_describe(d.train), f"no usable training example ({reasons})", "data.train",
                                 fix="check the file and the task's fields (see the README's task table)"))
+    dropped = sum(train_report.dropped.values())
+    if dropped > d.max_dropped * train_report.rows_read:
+        reasons = "; ".join(f"{n} {r}" for r, n in sorted(train_report.dropped.items()))
+        raise DataError(Problem(_describe(d.train), f"{dropped} of {train_report.rows_read} rows "
+                                f"({dropped / train_report.rows_read:.1%}) would be dropped: {reasons}",
+                                "data.max_dropped",
+                                fix=f"clean the data (see `adapterkit data preview`), or allow more with "
+                                    f"data.max_dropped={min(1.0, round(dropped / train_report.rows_read + 0.01, 2))}"))
     evaluation = None
     if d.eval is not None:
         evaluation, eval_report = encode_rows(read_rows(d.eval, d.eval_split, "data.eval"), formatter, "eval",
@@ -109,6 +120,7 @@ def _sft_config(recipe: Recipe, out: Path, precision: str, dev: Any, has_eval: b
         save_steps=t.save_every or 500,
         save_total_limit=t.save_total_limit,
         report_to="none",
+        logging_nan_inf_filter=False,  # a NaN loss must show in the log, not be replaced by an average
         disable_tqdm=True,
         include_num_input_tokens_seen="non_padding",
         max_length=d.max_length,
@@ -120,14 +132,62 @@ def _sft_config(recipe: Recipe, out: Path, precision: str, dev: Any, has_eval: b
     )
 
 
+def guarded_trainer_class() -> type:
+    """trl's SFTTrainer with atomic checkpoints and a stop on non-finite loss or gradients."""
+    import torch
+    from transformers.trainer_utils import rotate_checkpoints
+    from trl import SFTTrainer
+
+    class GuardedTrainer(SFTTrainer):
+        def _save_checkpoint(self, model: Any, trial: Any) -> None:
+            # transformers writes checkpoint-N in place, and a kill mid-save leaves a folder resume
+            # would trust. Write it under a staging name, then publish it by rename.
+            real = self.args.output_dir
+            step = self.state.global_step
+            staging = Path(real) / f".staging-{step}"
+            self.args.output_dir = str(staging)
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self.args.output_dir = real
+            if self.args.should_save:
+                rundir.publish_dir(staging / f"checkpoint-{step}", Path(real) / f"checkpoint-{step}")
+                rundir.fsync_dir(Path(real))
+                shutil.rmtree(staging, ignore_errors=True)
+                rotate_checkpoints(output_dir=real, save_total_limit=self.args.save_total_limit)
+
+        def _last_good(self) -> str:
+            last = rundir.latest_checkpoint(Path(self.args.output_dir).parent)
+            return f"the last good checkpoint, {last.name}, is kept" if last else "no checkpoint was written yet"
+
+        def training_step(self, model: Any, inputs: Any, num_items_in_batch: Any = None) -> Any:
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            if not torch.isfinite(loss).all():
+                self._stop(f"the training loss is {loss.item()}")
+            return loss
+
+        def _get_grad_norm(self, model: Any, grad_norm: Any = None) -> Any:
+            grad_norm = super()._get_grad_norm(model, grad_norm)
+            if grad_norm is not None and not torch.isfinite(torch.as_tensor(grad_norm)).all():
+                self._stop(f"the gradient norm is {float(grad_norm)}")
+            return grad_norm
+
+        def _stop(self, what: str) -> None:
+            raise TrainingStopped(Problem(
+                f"step {self.state.global_step + 1}", f"training stopped: {what}; {self._last_good()} and no "
+                "final model was written", fix="lower train.lr (or use train.precision=fp32), check the data "
+                "for extreme values, then re-run the same command to resume from the checkpoint"))
+
+    return GuardedTrainer
+
+
 def _train(recipe: Recipe, out: Path, dev: Any, method: Any, source: str | None, config: Any, tokenizer: Any,
            train: list[dict], evaluation: list[dict] | None, precision: str, echo: bool,
-           callbacks: list[Any] | None) -> tuple[Any, dict[str, Any]]:
+           callbacks: list[Any] | None, checkpoint: Path | None) -> tuple[Any, dict[str, Any]]:
     """Load or build the model, wrap it for the method, and train it; eval loss before and after."""
     import datasets
     import torch
     from transformers import PrinterCallback
-    from trl import SFTTrainer
 
     say = print if echo else (lambda *a, **k: None)
     m = recipe.model
@@ -150,7 +210,7 @@ def _train(recipe: Recipe, out: Path, dev: Any, method: Any, source: str | None,
 
     args = _sft_config(recipe, out, precision, dev, evaluation is not None)
     progress = rundir.ProgressLog(out, echo=echo)
-    trainer = SFTTrainer(
+    trainer = guarded_trainer_class()(
         model=model,
         args=args,
         train_dataset=datasets.Dataset.from_list(train),
@@ -166,11 +226,17 @@ def _train(recipe: Recipe, out: Path, dev: Any, method: Any, source: str | None,
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
     metrics: dict[str, Any] = {"trainable_parameters": trainable, "total_parameters": total}
-    if evaluation:
+    previous = json.loads((out / rundir.MANIFEST).read_text()).get("metrics") or {}
+    if evaluation and "eval_loss_before" in previous:  # measured before the interruption
+        metrics["eval_loss_before"] = previous["eval_loss_before"]
+    elif evaluation:
         progress.phase = "before"
         metrics["eval_loss_before"] = trainer.evaluate()["eval_loss"]
         progress.phase = "train"
-    result = trainer.train()
+        rundir.update_manifest(out, metrics=metrics)
+    # Trainer restores weights, optimizer, scheduler, RNG and data position from the checkpoint into
+    # the model wrapped above (once: resuming never wraps an adapter twice).
+    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     metrics.update(train_loss=result.training_loss, steps=result.global_step,
                    runtime_s=round(result.metrics.get("train_runtime", 0.0), 2),
                    tokens_seen=trainer.state.num_input_tokens_seen)
@@ -192,8 +258,9 @@ class RunResult:
 
 
 def run(recipe: Recipe, src: RecipeSource, force: bool = False, echo: bool = True,
-        callbacks: list[Any] | None = None) -> RunResult:
-    """Train one recipe end to end. `callbacks` are extra transformers TrainerCallbacks."""
+        callbacks: list[Any] | None = None, restart: bool = False, resume_anyway: bool = False) -> RunResult:
+    """Train one recipe end to end, or resume it from its newest checkpoint when `output_dir` holds
+    an interrupted run of the same recipe and data. `callbacks` are extra TrainerCallbacks."""
     import datasets
     from transformers import set_seed
     from transformers.utils import logging as hf_logging
@@ -202,7 +269,10 @@ def run(recipe: Recipe, src: RecipeSource, force: bool = False, echo: bool = Tru
     datasets.disable_progress_bars()
     hf_logging.disable_progress_bar()  # the ProgressLog line is the progress display
     out = Path(recipe.output_dir)
-    rundir.check_output_dir(out, force)
+    data_ids = {"train": _data_files(recipe.data.train, recipe.data.train_split),
+                "eval": _data_files(recipe.data.eval, recipe.data.eval_split)}
+    resolved = recipe_to_dict(recipe)
+    checkpoint = rundir.plan_output_dir(out, resolved, data_ids, force, restart, resume_anyway)
     dev = models.device()
     method = METHODS[recipe.adapter.method]
     m = recipe.model
@@ -218,18 +288,21 @@ def run(recipe: Recipe, src: RecipeSource, force: bool = False, echo: bool = Tru
     for report in reports:
         say("  " + report.summary())
 
-    rundir.start(out, force, dump_recipe(recipe), {
-        "recipe": src.name, "recipe_path": src.path, "overrides": src.command_line, "stage": recipe.stage,
-        "method": method.name, "task": recipe.data.task, "seed": recipe.train.seed, "device": str(dev),
-        "precision": precision, "model_source": source or "scratch",
-        "data": {"train": _data_files(recipe.data.train, recipe.data.train_split),
-                 "eval": _data_files(recipe.data.eval, recipe.data.eval_split)},
-    })
-    rundir.write_json(out / "data_report.json", [r.to_dict() for r in reports])
+    if checkpoint is not None:
+        step = rundir.resume(out, checkpoint)
+        say(f"resuming from {checkpoint} (step {step}); recipe and data are unchanged since it was written")
+    else:
+        rundir.start(out, (out / rundir.MANIFEST).is_file(), dump_recipe(recipe), {
+            "recipe": src.name, "recipe_path": src.path, "overrides": src.command_line, "stage": recipe.stage,
+            "method": method.name, "task": recipe.data.task, "seed": recipe.train.seed, "device": str(dev),
+            "precision": precision, "model_source": source or "scratch", "fingerprint": rundir.fingerprint(resolved),
+            "data": data_ids,
+        })
+        rundir.write_json(out / "data_report.json", [r.to_dict() for r in reports])
 
     try:
         trainer, metrics = _train(recipe, out, dev, method, source, config, tokenizer, train, evaluation, precision,
-                                  echo, callbacks)
+                                  echo, callbacks, checkpoint)
         save_final(trainer, tokenizer, formatter, out)
     except BaseException as e:
         rundir.update_manifest(out, status="failed", finished=rundir.now(), error=f"{type(e).__name__}: {e}")
@@ -249,11 +322,21 @@ def save_final(trainer: Any, tokenizer: Any, formatter: Formatter, out: Path) ->
     base.generation_config.eos_token_id = tokenizer.eos_token_id
     base.generation_config.pad_token_id = tokenizer.pad_token_id
     tmp = rundir.make_temp_dir(out, ".model.")
-    trainer.save_model(str(tmp))
-    if trainer.is_world_process_zero():
-        (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; the run keeps recipe.yaml instead
-        tokenizer.save_pretrained(tmp)
-        base.generation_config.save_pretrained(tmp)
-        rundir.write_atomic(tmp / "format.json", formatter.spec.to_json())
-        rundir.publish_dir(tmp, out / "model")
+    try:
+        trainer.save_model(str(tmp))
+        if trainer.is_world_process_zero():
+            (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; the run keeps recipe.yaml instead
+            tokenizer.save_pretrained(tmp)
+            base.generation_config.save_pretrained(tmp)
+            rundir.write_atomic(tmp / "format.json", formatter.spec.to_json())
+            rundir.publish_dir(tmp, out / "model")
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+            raise
+        last = rundir.latest_checkpoint(out)
+        raise AdapterkitError(Problem(str(out / "model"), f"could not save the final model: {e.strerror}; nothing "
+                                      "was half-written" + (f", and {last.name} is kept" if last else ""),
+                                      fix="free disk space (or fix permissions), then re-run the same command: it "
+                                          "resumes from the last checkpoint")) from None
     return out / "model"
