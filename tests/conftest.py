@@ -19,20 +19,21 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 FAST_BUILTIN = ["train.max_steps=8", "train.save_every=null", "data.eval=null"]
 
 
+# Set before any test module imports transformers or huggingface_hub, which read them at import.
+os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def offline_env(tmp_path_factory):
-    """Offline hub clients and a private adapterkit cache for the whole session."""
+    """A private adapterkit cache for the whole session (the hub clients are offline from import)."""
     cache = tmp_path_factory.mktemp("adapterkit-cache")
-    saved = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE",
-                                            "ADAPTERKIT_CACHE")}
-    os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-                      ADAPTERKIT_CACHE=str(cache))
+    saved = os.environ.get("ADAPTERKIT_CACHE")
+    os.environ["ADAPTERKIT_CACHE"] = str(cache)
     yield cache
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    if saved is None:
+        os.environ.pop("ADAPTERKIT_CACHE", None)
+    else:
+        os.environ["ADAPTERKIT_CACHE"] = saved
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,7 @@ nothing written."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -67,45 +68,85 @@ def test_run_and_preview_through_the_cli(capsys, tmp_path, tiny_model_dir):
     assert (run_dir / "manifest.json").read_text() == before
 
 
-def _bad_inputs(tmp_path, tiny_model_dir):
-    good = write_jsonl(tmp_path / "good.jsonl", [{"text": "fine", "label": "positive"}] * 4)
-    broken = tmp_path / "broken.jsonl"
+def _bad_inputs(tmp: Path, tiny_model_dir: Path) -> list[tuple[list[str], str]]:
+    """(overrides or `@FILE` recipe, text the error must contain). Each must exit 2 and write nothing."""
+    good = write_jsonl(tmp / "good.jsonl", [{"text": f"fine {i}", "label": "positive" if i % 2 else "negative"}
+                                            for i in range(20)])
+    broken = tmp / "broken.jsonl"
     broken.write_text('{"text": "fine", "label": "positive"}\n{"text": "oops", "label": \n')
-    renamed = write_jsonl(tmp_path / "renamed.jsonl", [{"review": "fine", "label": "positive"}])
-    unlabeled = write_jsonl(tmp_path / "unlabeled.jsonl", [{"text": "fine", "label": " "}] * 3)
-    empty = tmp_path / "empty.jsonl"
+    renamed = write_jsonl(tmp / "renamed.jsonl", [{"review": "fine", "label": "positive"}])
+    unlabeled = write_jsonl(tmp / "unlabeled.jsonl", [{"text": f"fine {i}", "label": " "} for i in range(3)])
+    gappy = write_jsonl(tmp / "gappy.jsonl", [{"text": f"ok {i}", "label": "positive" if i % 2 else "negative"}
+                                              for i in range(18)] + [{"text": "", "label": "positive"}] * 2)
+    neutral = write_jsonl(tmp / "neutral.jsonl", [{"text": "meh", "label": "positive"}, {"text": "so so", "label": "neutral"}])
+    empty = tmp / "empty.jsonl"
     empty.write_text("")
-    notes = tmp_path / "notes.docx"
+    notes = tmp / "notes.docx"
     notes.write_text("hello")
-    foreign = tmp_path / "foreign"
-    foreign.mkdir()
+    latin1 = tmp / "latin1.jsonl"
+    latin1.write_bytes('{"text": "caf\u00e9", "label": "positive"}\n'.encode("latin-1"))
+    not_list = tmp / "object.json"
+    not_list.write_text('{"text": "fine", "label": "positive", "extra": 1}')
+    ragged = tmp / "ragged.csv"
+    ragged.write_text("text,label\ngood,positive\n\"a\",b,c\n")
+    prose = tmp / "prose.txt"
+    prose.write_text("Just some prose.\n\nMore prose.\n")
+    chats = write_jsonl(tmp / "chats.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}] * 3)
+    bad_yaml = tmp / "bad.yaml"
+    bad_yaml.write_text("stage: sft\ntrain:\n  lr: [1,\n")
+    a_file = tmp / "a_file"
+    a_file.write_text("x")
+    foreign = tmp / "foreign"
+    foreign.mkdir(exist_ok=True)
     (foreign / "thesis.tex").write_text("precious")
     model = f"model.name_or_path={tiny_model_dir}"
     return [
-        # (overrides, text the message must contain)
-        ([model, f"data.train={broken}"], f"{broken}:2"),
+        ([model, f"data.train={broken}"], f"{broken}:2: not valid JSON"),
         ([model, f"data.train={renamed}"], "data.columns.text=review"),
         ([model, f"data.train={empty}"], "is empty (no rows)"),
         ([model, f"data.train={unlabeled}"], "no usable training example (3 empty 'label')"),
+        ([model, f"data.train={gappy}"], "2 of 20 rows (10.0%) would be dropped: 2 empty 'text'"),
+        ([model, f"data.train={good}", f"data.eval={neutral}"], f"{neutral}:2: data.eval: label 'neutral' is not in"),
         ([model, f"data.train={notes}"], "unsupported file type '.docx'"),
-        ([model, f"data.train={tmp_path / 'missing.jsonl'}"], "file not found"),
+        ([model, f"data.train={tmp / 'missing.jsonl'}"], "file not found"),
+        ([model, f"data.train={latin1}"], "is not UTF-8"),
+        ([model, f"data.train={not_list}"], "expected a list of objects"),
+        ([model, f"data.train={ragged}"], f"{ragged}:3: row has more values than the header"),
+        ([model, f"data.train={prose}"], "needs field 'label'"),
+        ([model, "data.task=chat", f"data.train={chats}"], "messages are not a list of {role, content} with an assistant"),
         ([model, f"data.train={good}", f"output_dir={foreign}"], "is not empty and is not an adapterkit run"),
+        ([model, f"data.train={good}", f"output_dir={a_file}/run"], "is not a writable directory"),
+        ([model, f"data.train={good}", f"output_dir={a_file}"], "is a file, not a directory"),
         (["model.name_or_path=./no/such/model", f"data.train={good}"], "'./no/such/model' does not exist"),
-        (["train.batch_size=0"], "train.batch_size"),
+        ([model, f"data.train={good}", "train.precision=fp16"], "'fp16' needs a CUDA GPU"),
+        (["train.batch_size=0"], "train.batch_size: 0 is too small"),
+        (["train.lr=fast"], "train.lr: 'fast' is not allowed"),
+        (["trian.lr=1e-4"], "did you mean 'train'"),
+        (["train.lr"], "expected KEY=VALUE"),
         (["adapter.method=dpo"], "'dpo' is not allowed"),
         (["data.task=summarisation"], "did you mean 'summarization'"),
+        (["adapter.method=qlora", "stage=pretrain", "data.task=text", "model.init=scratch"], "needs pretrained weights"),
+        (["adapter.method=prompt_tuning", "data.packing=true"], "packing cannot be combined"),
+        (["data.max_dropped=2"], "data.max_dropped: 2.0 is out of range"),
+        (["@" + str(bad_yaml)], f"{bad_yaml}:4: not valid YAML"),
+        (["@" + str(tmp / "nope.yaml")], "recipe file not found"),
     ]
 
 
 def test_bad_input_exits_2_without_traceback_and_writes_nothing(capsys, tmp_path, tiny_model_dir):
-    for overrides, needle in _bad_inputs(tmp_path, tiny_model_dir):
+    cases = _bad_inputs(tmp_path, tiny_model_dir)
+    assert len(cases) >= 25
+    for overrides, needle in cases:
+        recipe = "lora-sentiment"
+        if overrides[0].startswith("@"):
+            recipe, overrides = overrides[0][1:], overrides[1:]
         out_dir = tmp_path / "out"
         if not any(o.startswith("output_dir=") for o in overrides):
             overrides = overrides + [f"output_dir={out_dir}"]
-        before = sorted(p.name for p in (tmp_path / "foreign").iterdir())
-        code, _, err = cli(capsys, "recipe", "run", "lora-sentiment", *overrides, "data.eval=null")
+        before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+        code, _, err = cli(capsys, "recipe", "run", recipe, *overrides)
         assert code == 2, (overrides, err)
         assert needle in err, (needle, err)
-        assert "Traceback" not in err and "fix:" in err
+        assert "Traceback" not in err and "fix:" in err, err
         assert not out_dir.exists(), overrides
-        assert sorted(p.name for p in (tmp_path / "foreign").iterdir()) == before
+        assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before, overrides

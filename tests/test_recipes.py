@@ -8,6 +8,8 @@ import json
 import pytest
 
 from adapterkit.config import load_recipe
+from adapterkit.data.formatter import FormatSpec, Formatter
+from adapterkit.data.loading import read_rows
 from adapterkit.recipes import shipped
 from adapterkit.recipes.train import run
 
@@ -41,4 +43,11 @@ def test_shipped_recipe_runs_end_to_end(name, tmp_path, fast_builtin):
     tok = AutoTokenizer.from_pretrained(model_dir)
     if recipe.data.task == "chat":  # the fallback chat template travels with the model
         assert tok.chat_template == fmt["chat_template"]
+    # The template saved with the model renders training rows to exactly the tokens trained on.
+    rows = read_rows(recipe.data.train, "train", "data.train")
+    trained_with = Formatter.for_training(recipe.data, result.tokenizer, fmt["labels"])
+    saved = Formatter(FormatSpec(**fmt), tok, recipe.data.columns)
+    for row in rows[:5]:
+        fields, _ = saved.fields(row)
+        assert saved.encode(saved.record(fields)) == trained_with.encode(trained_with.record(fields))
     assert not list(out.glob(".model.*"))  # no temp dir left behind
