@@ -72,6 +72,11 @@ def prepare_data(recipe: Recipe, tokenizer: Any, train_rows: list[RawRow] | None
         reasons = "; ".join(f"{n} {r}" for r, n in train_report.dropped.items()) or "the data is empty"
         raise DataError(Problem(_describe(d.train), f"no usable training example ({reasons})", "data.train",
                                 fix="check the file and the task's fields (see the README's task table)"))
+    # Pre-flight lint of the formatter's own promise: every kept, untruncated row ends in a
+    # supervised EOS. A failure here is a bug in adapterkit, not in the data.
+    kept = train_report.rows_read - sum(train_report.dropped.values())
+    if train_report.eos_supervised < kept - train_report.truncated:
+        raise RuntimeError(f"formatter bug: only {train_report.eos_supervised} of {kept} rows supervise EOS")
     dropped = sum(train_report.dropped.values())
     if dropped > d.max_dropped * train_report.rows_read:
         reasons = "; ".join(f"{n} {r}" for r, n in sorted(train_report.dropped.items()))
@@ -175,8 +180,9 @@ def guarded_trainer_class() -> type:
         def _stop(self, what: str) -> None:
             raise TrainingStopped(Problem(
                 f"step {self.state.global_step + 1}", f"training stopped: {what}; {self._last_good()} and no "
-                "final model was written", fix="lower train.lr (or use train.precision=fp32), check the data "
-                "for extreme values, then re-run the same command to resume from the checkpoint"))
+                "final model was written", fix="lower train.lr (or use train.precision=fp32) and check the data "
+                "for extreme values; then re-run with --resume-anyway to continue from the checkpoint with the "
+                "new settings, or with --restart to start over"))
 
     return GuardedTrainer
 
