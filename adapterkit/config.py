@@ -464,7 +464,7 @@ def _check(recipe: Recipe, src: RecipeSource) -> list[Problem]:
         bad("model.architecture", "only used with model.init: scratch", "remove it, or set model.init: scratch")
 
     spec = TASKS[d.task]
-    for field_name, column in d.columns.items():
+    for field_name in d.columns:
         if field_name not in spec.fields:
             hint = did_you_mean(field_name, spec.fields)
             bad(f"data.columns.{field_name}", f"'{field_name}' is not a field of task '{d.task}'"

@@ -36,13 +36,7 @@ METHODS: dict[str, MethodSpec] = {
 
 
 def trainable_parameters(model: Any) -> tuple[int, int]:
-    """(trainable, total) parameter counts; a 4-bit weight counts as its number of values."""
-    trainable = total = 0
-    for p in model.parameters():
-        n = p.numel()
-        if p.__class__.__name__ == "Params4bit":
-            n = int(p.quant_state.shape.numel()) if getattr(p, "quant_state", None) is not None else n * 2
-        total += n
-        if p.requires_grad:
-            trainable += n
-    return trainable, total
+    """(trainable, total) parameter counts; peft counts a 4-bit weight as its number of values."""
+    if hasattr(model, "get_nb_trainable_parameters"):
+        return model.get_nb_trainable_parameters()
+    return model.num_parameters(only_trainable=True), model.num_parameters()
