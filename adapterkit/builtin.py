@@ -15,6 +15,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from adapterkit.errors import ConfigError, Problem
 
@@ -28,8 +29,8 @@ def cache_dir() -> Path:
     return Path(base) / "adapterkit"
 
 
-def builtin_run_dir(name: str, overrides: list[str] | None = None) -> Path:
-    """Where built-in base `name` (pretrained with these recipe overrides) is cached."""
+def _builtin_recipe(name: str, overrides: list[str] | None) -> tuple[Any, Any, Path]:
+    """The recipe that builds `name`, and the cache dir keyed by the recipe file, overrides and corpus."""
     from adapterkit.config import load_recipe
     from adapterkit.data.loading import resolve_sample
     from adapterkit.recipes import find_recipe
@@ -43,17 +44,19 @@ def builtin_run_dir(name: str, overrides: list[str] | None = None) -> Path:
     h.update("\n".join(overrides or []).encode())
     for spec in [recipe.data.train] if isinstance(recipe.data.train, str) else recipe.data.train:
         h.update(resolve_sample(spec).read_bytes() if spec.startswith("sample:") else spec.encode())
-    return cache_dir() / "builtin" / f"{name}-{h.hexdigest()[:12]}"
+    return recipe, src, cache_dir() / "builtin" / f"{name}-{h.hexdigest()[:12]}"
+
+
+def builtin_run_dir(name: str, overrides: list[str] | None = None) -> Path:
+    """Where built-in base `name` (pretrained with these recipe overrides) is cached."""
+    return _builtin_recipe(name, overrides)[2]
 
 
 def ensure_builtin(name: str, overrides: list[str] | None = None) -> Path:
     """The model directory of built-in base `name`, pretraining it first if it is not cached yet."""
-    from adapterkit.config import load_recipe
-    from adapterkit.recipes import find_recipe
     from adapterkit.recipes.train import run
 
-    final = builtin_run_dir(name, overrides)
-    recipe, src = load_recipe(str(find_recipe(BUILTIN[name])), overrides or [])
+    recipe, src, final = _builtin_recipe(name, overrides)
     if (final / "model" / "config.json").is_file():
         return final / "model"
     final.parent.mkdir(parents=True, exist_ok=True)
