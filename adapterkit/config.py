@@ -28,6 +28,8 @@ Method = Literal["full", "lora", "qlora", "prompt_tuning", "prefix_tuning", "p_t
 Task = Literal["qa", "summarization", "translation", "generation", "sentiment", "text", "chat"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 SOFT_PROMPT_METHODS = ("prompt_tuning", "prefix_tuning", "p_tuning")
+# Which adapter sections each method reads; a saved recipe leaves the others out.
+SECTION_METHODS = {"lora": ("lora", "qlora"), "quant": ("qlora",), "prompt": SOFT_PROMPT_METHODS}
 
 
 @dataclass
@@ -75,7 +77,7 @@ class ModelConfig:
 class LoraSettings:
     r: int = 16
     """Rank of the low-rank update."""
-    alpha: float = 32
+    alpha: float = 32.0
     """Scale numerator: the update is scaled by alpha/r (alpha/sqrt(r) with rslora)."""
     dropout: float = 0.05
     """Dropout on the adapter's input."""
@@ -429,7 +431,7 @@ def _check(recipe: Recipe, src: RecipeSource) -> list[Problem]:
         bad("train.epochs", f"{t.epochs!r} must be positive", "set train.epochs > 0 or train.max_steps")
 
     # Method-specific sections only make sense for their method.
-    owners = {"lora": ("lora", "qlora"), "quant": ("qlora",), "prompt": SOFT_PROMPT_METHODS}
+    owners = SECTION_METHODS
     method_overridden = src.where.get("adapter.method", "").startswith("override")
     for section, methods in owners.items():
         # Switching adapter.method on the command line leaves the file's other-method sections unused;
@@ -527,4 +529,12 @@ def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
 
 
 def dump_recipe(recipe: Recipe) -> str:
-    return yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False, allow_unicode=True)
+    """The resolved recipe as YAML that `load_recipe` reads back to the same recipe (the run's
+    recipe.yaml): sections the method or init does not use are left out, since they would be errors."""
+    data = recipe_to_dict(recipe)
+    for section, methods in SECTION_METHODS.items():
+        if recipe.adapter.method not in methods:
+            del data["adapter"][section]
+    if recipe.model.init != "scratch":
+        del data["model"]["architecture"]
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from adapterkit.config import Recipe, apply_overrides, load_recipe, parse_recipe, read_recipe_yaml
+from adapterkit.config import (Recipe, apply_overrides, dump_recipe, load_recipe, parse_recipe, read_recipe_yaml,
+                               recipe_to_dict)
 from adapterkit.errors import ConfigError
 from adapterkit.recipes import shipped, summary
 
@@ -33,6 +34,24 @@ def test_shipped_recipe_validates_and_opens_with_its_command(name):
     first = path.read_text().splitlines()[0]
     assert first == f"# adapterkit recipe run {name}"
     assert summary(path)["description"]
+
+
+@pytest.mark.parametrize("name", sorted(shipped()))
+@pytest.mark.parametrize("method", sorted(ALL_METHODS))
+def test_saved_recipe_reads_back_as_the_same_recipe(name, method):
+    # The run directory's recipe.yaml is how eval, export and later stages know what was trained.
+    recipe, _ = load_recipe(name)
+    if recipe.model.init == "scratch" and method != "full":
+        pytest.skip("scratch models train with full only")
+    try:
+        recipe, _ = load_recipe(name, [f"adapter.method={method}", "train.gradient_checkpointing=false",
+                                       "data.packing=false"])
+    except ConfigError:
+        pytest.skip("not a valid combination of this recipe's settings")
+    saved = dump_recipe(recipe)
+    again = parse(saved)
+    assert dump_recipe(again) == saved
+    assert recipe_to_dict(again)["train"] == recipe_to_dict(recipe)["train"]
 
 
 def test_shipped_recipes_cover_every_method_and_task():

@@ -1,0 +1,124 @@
+"""Trained models back from disk, exactly as they were trained: used by eval, export and later stages.
+
+    trained = load_trained("runs/s1")            # a run directory (recipe.yaml, manifest.json, model/)
+    trained = load_trained("runs/s1/model")      # the same, from its model directory
+    trained = load_trained("path/to/any-model")  # a plain transformers model, or a peft adapter
+
+An adapter run is rebuilt from the base it was trained on, loaded the way training loaded it (the
+same dtype, and 4-bit with the same bitsandbytes settings for QLoRA), with the saved adapter on top.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from adapterkit import models, rundir
+from adapterkit.adapters import METHODS, MethodSpec
+from adapterkit.config import ModelConfig, Recipe, load_recipe
+from adapterkit.data.formatter import FormatSpec
+from adapterkit.errors import AdapterkitError, Problem
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+@dataclass
+class Trained:
+    """A trained model in eval mode, with what is needed to use it the way it was trained."""
+
+    model: Any
+    """A PeftModel (adapter methods) or a transformers model (full runs, plain models)."""
+    tokenizer: Any
+    model_dir: Path
+    run_dir: Path | None = None
+    recipe: Recipe | None = None
+    manifest: dict[str, Any] = field(default_factory=dict)
+    spec: FormatSpec | None = None
+    """The run's format.json: task, template, labels; None for a model that adapterkit did not train."""
+    method: MethodSpec | None = None
+    base_source: str | None = None
+    """Where the base weights came from (adapter runs)."""
+    dtype: torch.dtype = torch.float32
+
+    @property
+    def is_adapter(self) -> bool:
+        return (self.model_dir / ADAPTER_CONFIG).is_file()
+
+
+def locate(path: str | Path) -> tuple[Path | None, Path]:
+    """(run dir or None, model dir) for a run directory, a run's model dir, or any model directory."""
+    p = Path(path).expanduser()
+    if (p / rundir.MANIFEST).is_file():
+        if not (p / "model").is_dir():
+            status = json.loads((p / rundir.MANIFEST).read_text()).get("status", "unknown")
+            raise AdapterkitError(Problem(str(p), f"this run has no final model (status: {status})",
+                                          fix="finish the run first: re-run its command to resume it"))
+        return p, p / "model"
+    if (p / "config.json").is_file() or (p / ADAPTER_CONFIG).is_file():
+        run = p.parent if (p.parent / rundir.MANIFEST).is_file() else None
+        return run, p
+    what = "does not exist" if not p.exists() else "is neither a run directory nor a model directory"
+    raise AdapterkitError(Problem(str(p), what, fix="pass a run's output_dir (with manifest.json) or a model "
+                                  "directory saved by transformers or peft"))
+
+
+def load_trained(path: str | Path, dev: torch.device | None = None, dtype: torch.dtype | None = None) -> Trained:
+    """Load a run's (or a directory's) model for inference, base and adapter as they were trained.
+
+    `dtype` overrides the base's dtype; by default it is the one training used."""
+    from transformers import AutoTokenizer
+
+    run_dir, model_dir = locate(path)
+    dev = dev or models.device()
+    recipe, manifest, spec, method = None, {}, None, None
+    if run_dir is not None:
+        recipe, _ = load_recipe(str(run_dir / "recipe.yaml"))
+        manifest = json.loads((run_dir / rundir.MANIFEST).read_text())
+        method = METHODS[recipe.adapter.method]
+    if (model_dir / "format.json").is_file():
+        spec = FormatSpec(**json.loads((model_dir / "format.json").read_text()))
+    model_cfg = recipe.model if recipe else ModelConfig()
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+    if not (model_dir / ADAPTER_CONFIG).is_file():
+        dtype = dtype or _saved_dtype(model_dir)
+        model = models.load_model(model_cfg, str(model_dir), dtype, dev=dev).to(dev)
+        model.eval()
+        return Trained(model, tokenizer, model_dir, run_dir, recipe, manifest, spec, method, None, dtype)
+
+    from peft import PeftModel
+
+    base_source = manifest.get("model_source") or json.loads(
+        (model_dir / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    if not base_source or not (Path(base_source).is_dir() or not models._looks_local(base_source)):
+        raise AdapterkitError(Problem(str(model_dir / ADAPTER_CONFIG), f"the adapter's base model '{base_source}' "
+                                      "cannot be found", fix="restore the base model at that path, or retrain"))
+    quant = None
+    if method is not None and method.quantized_base:
+        precision = manifest.get("precision", "fp32")
+        compute = models.resolve_dtype(recipe.adapter.quant.compute_dtype, False, precision)
+        from adapterkit.adapters.lora import quantization_config
+
+        quant = quantization_config(recipe.adapter.quant, compute)
+    if dtype is None:
+        precision = manifest.get("precision", "fp32")
+        dtype = models.resolve_dtype(model_cfg.dtype, False, precision) if recipe else torch.float32
+    base = models.load_model(model_cfg, base_source, dtype, quant, dev)
+    if quant is None:
+        base = base.to(dev)
+    model = PeftModel.from_pretrained(base, str(model_dir), is_trainable=False)
+    model.eval()
+    return Trained(model, tokenizer, model_dir, run_dir, recipe, manifest, spec, method, base_source, dtype)
+
+
+def _saved_dtype(model_dir: Path) -> torch.dtype:
+    """The dtype a full model was saved in (config.json's `dtype`), float32 if it does not say."""
+    cfg = json.loads((model_dir / "config.json").read_text())
+    name = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
+    return getattr(torch, name, torch.float32)
