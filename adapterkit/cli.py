@@ -5,6 +5,7 @@
     adapterkit recipe run lora-sentiment train.max_steps=200 output_dir=runs/s1
     adapterkit recipe run my_recipe.yaml model.name_or_path=Qwen/Qwen2.5-0.5B data.train=reviews.csv
     adapterkit data preview my_recipe.yaml
+    adapterkit eval runs/s1 --data test.jsonl
 
 Errors in the user's input (AdapterkitError) are printed without a traceback and exit with code 2.
 """
@@ -110,6 +111,43 @@ def data_preview(
         typer.echo(_marked(tokenizer, ex["input_ids"], ex["labels"], IGNORE))
 
 
+@app.command("eval")
+def eval_command(
+    path: str = typer.Argument(..., help="A run's output_dir, or a model directory (transformers or peft)."),
+    data: Optional[str] = typer.Option(None, "--data", help="Eval data: a file or hub id. Default: the run's data.eval."),
+    task: Optional[str] = typer.Option(None, "--task", help="The task, for a model adapterkit did not train."),
+    split: Optional[str] = typer.Option(None, "--split", help="Split of a hub dataset (default: validation)."),
+    column: Optional[list[str]] = typer.Option(None, "--column", help="FIELD=COLUMN, e.g. --column text=review."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Evaluate the first N usable rows."),
+    all_rows: bool = typer.Option(False, "--all", help="Evaluate every row (no limit)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", min=1,
+                                                 help="Generation length (default: per task)."),
+    out: Optional[str] = typer.Option(None, "--out", help="Where the report goes (default: RUN/eval)."),
+    no_base: bool = typer.Option(False, "--no-base", help="Skip the starting model."),
+) -> None:
+    """Score a model with its task's metric (before and after, for a run); write metrics.json and report.md."""
+    from pathlib import Path
+
+    from adapterkit.errors import ConfigError, Problem
+    from adapterkit.evaluation import evaluate_path, metrics_table
+
+    columns = {}
+    for item in column or []:
+        field, sep, col = item.partition("=")
+        if not sep or not field or not col:
+            raise ConfigError(Problem("--column", f"{item!r} is not FIELD=COLUMN", fix="e.g. --column text=review"))
+        columns[field] = col
+    settings = {k: v for k, v in dict(limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens).items()
+                if v is not None}
+    if all_rows:
+        settings["limit"] = None
+    summary, where = evaluate_path(path, data, task, split, columns, settings, Path(out) if out else None,
+                                   base=not no_base, say=typer.echo)
+    typer.echo(metrics_table(summary))
+    typer.echo(f"wrote {where / 'metrics.json'}, {where / 'report.md'} and {where / 'worst_examples.jsonl'}")
+
+
 def _marked(tokenizer, ids: list[int], labels: list[int], ignore: int) -> str:
     """Decode ids in runs of same supervision, wrapping supervised runs in ⟦ ⟧."""
     out, run, flag = [], [], None
@@ -129,6 +167,9 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: run the CLI, turning user errors into a message and exit code 2."""
     # Deprecations inside the libraries we call are for us to fix, not for users to read.
     warnings.filterwarnings("ignore", message=r".*deprecated and will be removed in v6", category=FutureWarning)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # adapterkit prints its own progress lines
     try:
         code = app(args=argv, standalone_mode=False)
     except AdapterkitError as e:

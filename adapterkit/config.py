@@ -189,6 +189,19 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Task evaluation of the starting and the tuned model on `data.eval` (sft runs), and of `adapterkit eval`."""
+
+    limit: int | None = 200
+    """Evaluate the first this-many usable eval rows (generation is the slow part on a CPU); null for all."""
+    max_new_tokens: int | None = None
+    """Generation length. Unset: per task (qa 32, summarization/translation 128, generation/chat 256)."""
+    batch_size: int = 8
+    worst: int = 10
+    """How many worst examples report.md and worst_examples.jsonl show."""
+
+
+@dataclass
 class Recipe:
     stage: Stage = "sft"
     """`pretrain` (causal LM on raw text, every token supervised) or `sft` (supervised fine-tuning)."""
@@ -198,6 +211,7 @@ class Recipe:
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     output_dir: str | None = None
     """Where the run is written. Unset: `runs/<recipe name>`."""
 
@@ -417,6 +431,8 @@ def _check(recipe: Recipe, src: RecipeSource) -> list[Problem]:
         ("train.save_every", t.save_every, 1), ("train.save_total_limit", t.save_total_limit, 1),
         ("train.weight_decay", t.weight_decay, 0), ("train.max_grad_norm", t.max_grad_norm, 0),
         ("adapter.prompt.encoder_hidden_size", a.prompt.encoder_hidden_size, 1),
+        ("eval.limit", recipe.eval.limit, 1), ("eval.max_new_tokens", recipe.eval.max_new_tokens, 1),
+        ("eval.batch_size", recipe.eval.batch_size, 1), ("eval.worst", recipe.eval.worst, 0),
     ]:
         at_least(key, value, low)
     for name, value in vars(m.architecture).items():

@@ -8,6 +8,9 @@
       loss.png           training and eval loss curves
       checkpoints/       trainer checkpoints (checkpoint-N)
       model/             the final model (full) or adapter (peft), with tokenizer and format.json
+      metrics.json       task metrics of the starting and the tuned model on data.eval (sft runs)
+      report.md          those metrics as a before/after table, the loss plot, the worst examples
+      worst_examples.jsonl  input, reference and predictions of the lowest-scoring eval rows
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ from transformers import TrainerCallback
 from adapterkit.errors import AdapterkitError, Problem
 
 MANIFEST = "manifest.json"
-RUN_FILES = ("recipe.yaml", MANIFEST, "data_report.json", "train_log.jsonl", "loss.png", "checkpoints", "model")
+RUN_FILES = ("recipe.yaml", MANIFEST, "data_report.json", "train_log.jsonl", "loss.png", "checkpoints", "model",
+             "metrics.json", "report.md", "worst_examples.jsonl")
 PACKAGES = ("adapterkit", "torch", "transformers", "peft", "trl", "bitsandbytes", "datasets", "accelerate", "tokenizers")
 
 

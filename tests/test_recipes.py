@@ -21,7 +21,7 @@ def test_shipped_recipe_runs_end_to_end(name, tmp_path, fast_builtin):
     from transformers import AutoTokenizer
 
     recipe, src = load_recipe(name, ["train.max_steps=3", "train.log_every=1", "train.save_every=2",
-                                     f"output_dir={tmp_path / 'run'}"])
+                                     "eval.limit=4", "eval.max_new_tokens=8", f"output_dir={tmp_path / 'run'}"])
     result = run(recipe, src, echo=False)
     out = result.out
     manifest = json.loads((out / "manifest.json").read_text())
@@ -51,3 +51,8 @@ def test_shipped_recipe_runs_end_to_end(name, tmp_path, fast_builtin):
         fields, _ = saved.fields(row)
         assert saved.encode(saved.record(fields)) == trained_with.encode(trained_with.record(fields))
     assert not list(out.glob(".model.*"))  # no temp dir left behind
+    # Task metrics of the starting and the tuned model, with the report a user opens.
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["task"] == recipe.data.task and summary["n"] == 4
+    assert summary["headline"] in summary["base"] and summary["headline"] in summary["tuned"]
+    assert (out / "report.md").read_text().startswith(f"# {name}: ")

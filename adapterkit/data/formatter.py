@@ -208,6 +208,20 @@ class Formatter:
         sep = "" if prompt[-1:].isspace() else " "
         return {"prompt": prompt, "completion": sep + target}
 
+    def split_for_eval(self, record: dict[str, Any]) -> tuple[list[int], list[int]]:
+        """(prompt ids, reference ids) of a record, the prompt tokenized exactly as in training.
+
+        The reference is the last supervised piece (the completion, or the last assistant turn) with
+        its EOS; everything before it is the prompt. Raw text is split in the middle of its tokens."""
+        pieces = self._pieces(record)
+        if "text" in record:
+            ids = [i for piece, _ in pieces for i in piece]
+            ids = ids[: self.spec.max_length]
+            cut = len(ids) // 2
+            return ids[:cut], ids[cut:]
+        last = max(i for i, (_, supervised) in enumerate(pieces) if supervised)
+        return [i for piece, _ in pieces[:last] for i in piece], pieces[last][0]
+
     def prompt_text(self, row: dict[str, Any]) -> str:
         """The exact text a model is given at inference for this row (used by evaluation)."""
         rec = self.record(row)
@@ -248,19 +262,24 @@ class Formatter:
             done = after
         return [(text, sup) for text, sup in segments if text]
 
-    def encode(self, record: dict[str, Any]) -> Encoded:
-        """Token ids and labels for one record, cut at max_length."""
+    def _pieces(self, record: dict[str, Any]) -> list[tuple[list[int], bool]]:
+        """The record's token ids, one piece per segment (plus the plain-mode prefix), each marked
+        supervised or not. Every supervised piece ends with EOS."""
         tok = self.tokenizer
         eos = tok.eos_token_id
-        ids: list[int] = []
-        labels: list[int] = []
-        if self.spec.mode == "plain":
-            ids += self.prefix_ids
-            labels += [IGNORE] * len(self.prefix_ids)
+        pieces = [(list(self.prefix_ids), False)] if self.spec.mode == "plain" and self.prefix_ids else []
         for text, supervised in self.segments(record):
             piece = tok(text, add_special_tokens=False).input_ids
             if supervised and eos not in piece:
                 piece = piece + [eos]
+            pieces.append((piece, supervised))
+        return pieces
+
+    def encode(self, record: dict[str, Any]) -> Encoded:
+        """Token ids and labels for one record, cut at max_length."""
+        ids: list[int] = []
+        labels: list[int] = []
+        for piece, supervised in self._pieces(record):
             ids += piece
             labels += piece if (supervised or self.spec.train_on_prompt) else [IGNORE] * len(piece)
         limit = self.spec.max_length

@@ -13,10 +13,11 @@ from __future__ import annotations
 import errno
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from adapterkit import evaluation as evaluation_mod
 from adapterkit import models, rundir
 from adapterkit.adapters import METHODS, trainable_parameters
 from adapterkit.adapters.lora import quantization_config
@@ -189,8 +190,10 @@ def guarded_trainer_class() -> type:
 
 def _train(recipe: Recipe, out: Path, dev: Any, method: Any, source: str | None, config: Any, tokenizer: Any,
            train: list[dict], evaluation: list[dict] | None, precision: str, echo: bool,
-           callbacks: list[Any] | None, checkpoint: Path | None) -> tuple[Any, dict[str, Any]]:
-    """Load or build the model, wrap it for the method, and train it; eval loss before and after."""
+           callbacks: list[Any] | None, checkpoint: Path | None, task_eval: TaskEval | None = None
+           ) -> tuple[Any, dict[str, Any]]:
+    """Load or build the model, wrap it for the method, and train it; eval loss (and the task's
+    metrics, with `task_eval`) before and after."""
     import datasets
     import torch
     from transformers import PrinterCallback
@@ -240,6 +243,15 @@ def _train(recipe: Recipe, out: Path, dev: Any, method: Any, source: str | None,
         metrics["eval_loss_before"] = trainer.evaluate()["eval_loss"]
         progress.phase = "train"
         rundir.update_manifest(out, metrics=metrics)
+    if task_eval is not None:
+        if "task_before" in previous:
+            metrics["task_before"] = previous["task_before"]
+            task_eval.results["base"] = (previous["task_before"], None)
+        else:
+            # The starting model: a LoRA adapter starts as a no-op, but soft prompts start as a change.
+            with evaluation_mod.adapter_disabled(trainer.model) as base:
+                metrics["task_before"] = task_eval.run(base, "base")
+            rundir.update_manifest(out, metrics=metrics)
     # Trainer restores weights, optimizer, scheduler, RNG and data position from the checkpoint into
     # the model wrapped above (once: resuming never wraps an adapter twice).
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
@@ -249,8 +261,34 @@ def _train(recipe: Recipe, out: Path, dev: Any, method: Any, source: str | None,
     if evaluation:
         progress.phase = "after"
         metrics["eval_loss_after"] = trainer.evaluate()["eval_loss"]
+    if task_eval is not None:
+        metrics["task_after"] = task_eval.run(trainer.model, "tuned")
 
     return trainer, metrics
+
+
+@dataclass
+class TaskEval:
+    """The task metrics of a run's eval rows, for the starting model and the tuned one."""
+
+    examples: list[evaluation_mod.Example]
+    skipped: Any
+    formatter: Formatter
+    settings: Any
+    say: Any
+    results: dict[str, tuple[dict[str, float], list[dict] | None]] = field(default_factory=dict)
+
+    def run(self, model: Any, name: str) -> dict[str, float]:
+        self.say(f"eval ({self.formatter.task.name}, {len(self.examples)} rows): {name} model")
+        self.results[name] = evaluation_mod.evaluate(model, self.examples, self.formatter, self.settings,
+                                                     self.say, name)
+        return self.results[name][0]
+
+    def report(self, out: Path, title: str) -> dict[str, Any]:
+        summary = evaluation_mod.compare(self.results, self.examples, self.formatter, self.skipped,
+                                         self.settings.worst)
+        evaluation_mod.write_report(out, summary, title, out / "loss.png")
+        return summary
 
 
 @dataclass
@@ -293,6 +331,12 @@ def run(recipe: Recipe, src: RecipeSource, force: bool = False, echo: bool = Tru
     say(f"data ({formatter.spec.task}, {formatter.spec.mode} template)")
     for report in reports:
         say("  " + report.summary())
+    task_eval = None
+    if recipe.stage == "sft" and recipe.data.eval is not None:
+        examples, skipped = evaluation_mod.build_examples(
+            read_rows(recipe.data.eval, recipe.data.eval_split, "data.eval"), formatter, recipe.eval.limit,
+            _describe(recipe.data.eval))
+        task_eval = TaskEval(examples, skipped, formatter, recipe.eval, say)
 
     if checkpoint is not None:
         step = rundir.resume(out, checkpoint)
@@ -308,12 +352,16 @@ def run(recipe: Recipe, src: RecipeSource, force: bool = False, echo: bool = Tru
 
     try:
         trainer, metrics = _train(recipe, out, dev, method, source, config, tokenizer, train, evaluation, precision,
-                                  echo, callbacks, checkpoint)
+                                  echo, callbacks, checkpoint, task_eval)
         save_final(trainer, tokenizer, formatter, out)
     except BaseException as e:
         rundir.update_manifest(out, status="failed", finished=rundir.now(), error=f"{type(e).__name__}: {e}")
         raise
     rundir.plot_losses(out)
+    if task_eval is not None:
+        summary = task_eval.report(out, f"{src.name}: {method.name} on {recipe.data.task}")
+        say(evaluation_mod.metrics_table(summary))
+        say(f"report: {out / 'report.md'}")
     rundir.update_manifest(out, status="completed", finished=rundir.now(), metrics=metrics)
     if evaluation:
         say(f"eval loss {metrics['eval_loss_before']:.4f} -> {metrics['eval_loss_after']:.4f}")
