@@ -68,14 +68,29 @@ def recipe_run(
 
     Re-running the same command on an interrupted run resumes from its newest checkpoint."""
     from adapterkit.config import dump_recipe, load_recipe
+    from adapterkit.recipes import find_recipe
+    from adapterkit.recipes import pipeline as pipelines
 
+    path = find_recipe(name)
+    if pipelines.is_pipeline(path):
+        pipeline = pipelines.load_pipeline(path, overrides or [])
+        if dry_run:
+            for stage, recipe, src, _ in pipelines.resolve(pipeline):
+                typer.echo(f"# stage '{stage.name}': recipe '{src.name}' with overrides: {' '.join(src.command_line)}")
+                typer.echo(dump_recipe(recipe))
+            return
+        pipelines.run(pipeline, force=force, restart=restart, resume_anyway=resume_anyway)
+        return
     recipe, src = load_recipe(name, overrides or [])
     if dry_run:
         typer.echo(f"# resolved recipe '{src.name}' ({src.path})" +
                    (f" with overrides: {' '.join(src.command_line)}" if src.command_line else ""))
         typer.echo(dump_recipe(recipe), nl=False)
         return
-    from adapterkit.recipes.train import run
+    if recipe.stage in ("dpo", "kto"):
+        from adapterkit.recipes.preference import run
+    else:
+        from adapterkit.recipes.train import run
 
     run(recipe, src, force=force, restart=restart, resume_anyway=resume_anyway)
 
@@ -99,6 +114,20 @@ def data_preview(
     d = recipe.data
     if split == "eval" and d.eval is None:
         raise ConfigError(Problem("data.eval", "the recipe has no eval data", fix="use --split train"))
+    if recipe.stage in ("dpo", "kto"):
+        from adapterkit.recipes import preference
+
+        start = preference.starting_point(recipe)
+        tokenizer = _tokenizer_of(recipe, start)
+        formatter, train, evaluation, reports = preference.prepare_data(recipe, tokenizer, start)
+        records, report = (train, reports[0]) if split == "train" else (evaluation, reports[1])
+        typer.echo(f"task {d.task}, {formatter.spec.mode} template; trl adds EOS to each completion")
+        typer.echo(report.summary())
+        for i, rec in enumerate(records[:n]):
+            typer.echo(typer.style(f"\n--- example {i}", bold=True))
+            for key, value in rec.items():
+                typer.echo(typer.style(f"[{key}]", fg="cyan") + f" {value}")
+        return
     _, tokenizer, train_rows = tokenizer_for(recipe)
     formatter, train, evaluation, reports = prepare_data(recipe, tokenizer, train_rows)
     examples, report = (train, reports[0]) if split == "train" else (evaluation, reports[1])
@@ -146,6 +175,13 @@ def eval_command(
                                    base=not no_base, say=typer.echo)
     typer.echo(metrics_table(summary))
     typer.echo(f"wrote {where / 'metrics.json'}, {where / 'report.md'} and {where / 'worst_examples.jsonl'}")
+
+
+def _tokenizer_of(recipe, start):
+    from adapterkit import models
+
+    where = start.adapter_dir or (start.from_run / "model" if start.from_run else None)
+    return models.load_tokenizer(recipe.model, str(where or recipe.model.tokenizer or start.source))
 
 
 def _marked(tokenizer, ids: list[int], labels: list[int], ignore: int) -> str:

@@ -23,9 +23,10 @@ import yaml
 
 from adapterkit.errors import ConfigError, Problem, did_you_mean
 
-Stage = Literal["pretrain", "sft"]
+Stage = Literal["pretrain", "sft", "dpo", "kto"]
 Method = Literal["full", "lora", "qlora", "prompt_tuning", "prefix_tuning", "p_tuning"]
-Task = Literal["qa", "summarization", "translation", "generation", "sentiment", "text", "chat"]
+Task = Literal["qa", "summarization", "translation", "generation", "sentiment", "text", "chat", "preference",
+               "unpaired"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 SOFT_PROMPT_METHODS = ("prompt_tuning", "prefix_tuning", "p_tuning")
 # Which adapter sections each method reads; a saved recipe leaves the others out.
@@ -71,6 +72,10 @@ class ModelConfig:
     precision keeps master weights in float32), bfloat16 for a frozen base where the device supports it."""
     trust_remote_code: bool = False
     """Run model code shipped with a hub repository. Off unless you trust that repository."""
+    from_run: str | None = None
+    """Start from an earlier run's output_dir (e.g. an SFT run): its base model and, for LoRA/QLoRA runs,
+    its adapter, which keeps training (and, for dpo/kto, is also the frozen reference). Replaces
+    name_or_path; a full fine-tuning run's model becomes the base."""
 
 
 @dataclass
@@ -188,6 +193,28 @@ class TrainConfig:
     """Checkpoints to keep."""
 
 
+PreferenceLoss = Literal["sigmoid", "ipo", "sigmoid_norm", "hinge", "robust", "kto", "apo_zero_unpaired"]
+DPO_LOSSES = ("sigmoid", "ipo", "sigmoid_norm", "hinge", "robust")
+KTO_LOSSES = ("kto", "apo_zero_unpaired")
+
+
+@dataclass
+class PreferenceConfig:
+    """The preference step (stages dpo and kto), on trl's DPOTrainer and KTOTrainer."""
+
+    loss: PreferenceLoss | None = None
+    """dpo: `sigmoid` (standard DPO), `ipo`, `sigmoid_norm` (length-normalised DPO: mean log-ratio per
+    token, SimPO-style), `hinge`, `robust`; kto: `kto`, `apo_zero_unpaired`. Unset: sigmoid / kto."""
+    beta: float = 0.1
+    """How far the policy may move from the reference: higher keeps it closer (IPO: the tau regulariser)."""
+    label_smoothing: float = 0.0
+    """`robust`: the assumed share of flipped preference labels, in [0, 0.5)."""
+    desirable_weight: float = 1.0
+    """kto: weight of the desirable (label true) examples' loss."""
+    undesirable_weight: float = 1.0
+    """kto: weight of the undesirable (label false) examples' loss."""
+
+
 @dataclass
 class EvalConfig:
     """Task evaluation of the starting and the tuned model on `data.eval` (sft runs), and of `adapterkit eval`."""
@@ -204,13 +231,15 @@ class EvalConfig:
 @dataclass
 class Recipe:
     stage: Stage = "sft"
-    """`pretrain` (causal LM on raw text, every token supervised) or `sft` (supervised fine-tuning)."""
+    """`pretrain` (causal LM on raw text, every token supervised), `sft` (supervised fine-tuning), `dpo`
+    (preference pairs) or `kto` (unpaired desirable/undesirable examples)."""
     description: str = ""
     """One line shown by `adapterkit recipe list`."""
     model: ModelConfig = field(default_factory=ModelConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output_dir: str | None = None
     """Where the run is written. Unset: `runs/<recipe name>`."""
@@ -472,6 +501,32 @@ def _check(recipe: Recipe, src: RecipeSource) -> list[Problem]:
         bad("data.task", f"stage 'pretrain' trains on raw text, not '{d.task}'", "set data.task=text")
     if recipe.stage == "pretrain" and a.method in SOFT_PROMPT_METHODS:
         bad("adapter.method", f"'{a.method}' is not a way to pretrain", "use full, lora or qlora")
+    # The preference stages: their own data, losses and methods.
+    pref_task = {"dpo": "preference", "kto": "unpaired"}
+    if recipe.stage in pref_task and d.task != pref_task[recipe.stage]:
+        bad("data.task", f"stage '{recipe.stage}' trains on '{pref_task[recipe.stage]}' data, not '{d.task}'",
+            f"set data.task={pref_task[recipe.stage]}")
+    if recipe.stage not in pref_task and d.task in pref_task.values():
+        stage = next(k for k, v in pref_task.items() if v == d.task)
+        bad("data.task", f"'{d.task}' data is for stage '{stage}', not '{recipe.stage}'", f"set stage: {stage}")
+    if recipe.stage in pref_task and a.method in SOFT_PROMPT_METHODS:
+        bad("adapter.method", f"'{a.method}' is not supported for stage '{recipe.stage}'", "use lora, qlora or full")
+    losses = {"dpo": DPO_LOSSES, "kto": KTO_LOSSES}.get(recipe.stage, ())
+    if recipe.preference.loss is not None and recipe.preference.loss not in losses:
+        bad("preference.loss", f"'{recipe.preference.loss}' is not a loss of stage '{recipe.stage}'",
+            f"use one of: {', '.join(losses)}" if losses else "remove preference (only stages dpo and kto use it)")
+    if not 0 <= recipe.preference.label_smoothing < 0.5:
+        bad("preference.label_smoothing", f"{recipe.preference.label_smoothing!r} is out of range",
+            "use a value in [0, 0.5)")
+    at_least("preference.beta", recipe.preference.beta, 1e-9)
+    # A run given on the command line replaces the file's model; both given in one place is a mistake.
+    named_where = src.where.get("model.name_or_path", "")
+    if m.from_run is not None and named_where and (named_where.startswith("override")
+                                                   == src.where.get("model.from_run", "").startswith("override")):
+        bad("model.from_run", "is set together with model.name_or_path, but the run decides the model",
+            "remove model.name_or_path (or model.from_run)")
+    if m.from_run is not None and m.init == "scratch":
+        bad("model.from_run", "cannot be combined with model.init: scratch", "remove one of them")
     if d.packing and a.method in SOFT_PROMPT_METHODS:
         bad("data.packing", f"packing cannot be combined with '{a.method}': virtual tokens are prepended to each "
             "sequence, so packed examples would share one prompt", "set data.packing=false")
@@ -553,4 +608,8 @@ def dump_recipe(recipe: Recipe) -> str:
             del data["adapter"][section]
     if recipe.model.init != "scratch":
         del data["model"]["architecture"]
+    if recipe.stage not in ("dpo", "kto"):
+        del data["preference"]
+    if recipe.model.from_run is not None:
+        del data["model"]["name_or_path"]  # the run decides the model
     return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)

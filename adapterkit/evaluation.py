@@ -43,7 +43,7 @@ MAX_NEW_TOKENS = {"qa": 32, "summarization": 128, "translation": 128, "generatio
 # What the report's table leads with for each task.
 HEADLINE = {"qa": "f1", "summarization": "rougeL", "translation": "chrf", "sentiment": "accuracy",
             "generation": "rougeL", "chat": "rougeL", "text": "perplexity"}
-LOWER_IS_BETTER = {"perplexity"}
+LOWER_IS_BETTER = {"perplexity", "undesirable_logp_per_token"}
 
 
 @dataclass
@@ -304,16 +304,18 @@ def compare(results: dict[str, tuple[dict[str, float], list[dict] | None]], exam
 def metrics_table(summary: dict[str, Any]) -> str:
     """A markdown table: one row per metric, a column per model, and the change when there are two."""
     names = [n for n in ("base", "tuned", "model") if n in summary]
-    keys = list(summary[names[0]])
+    keys = list(dict.fromkeys(k for n in names for k in summary[n]))
     head = "| metric | " + " | ".join(names) + (" | change |" if len(names) == 2 else " |")
     lines = [head, "|" + "---|" * (len(names) + 1 + (len(names) == 2))]
     for key in keys:
-        vals = [summary[n][key] for n in names]
-        cells = [f"{v:.2f}" for v in vals]
-        if len(names) == 2:
+        vals = [summary[n].get(key) for n in names]
+        cells = [f"{v:.2f}" if v is not None else "-" for v in vals]
+        if len(names) == 2 and None not in vals:
             delta = vals[1] - vals[0]
             better = delta < 0 if key in LOWER_IS_BETTER else delta > 0
             cells.append(f"{delta:+.2f}" + (" (better)" if better and delta else ""))
+        elif len(names) == 2:
+            cells.append("-")
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

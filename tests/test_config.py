@@ -9,9 +9,13 @@ from adapterkit.config import (Recipe, apply_overrides, dump_recipe, load_recipe
                                recipe_to_dict)
 from adapterkit.errors import ConfigError
 from adapterkit.recipes import shipped, summary
+from adapterkit.recipes.pipeline import is_pipeline, load_pipeline, resolve
 
 ALL_METHODS = {"full", "lora", "qlora", "prompt_tuning", "prefix_tuning", "p_tuning"}
-ALL_TASKS = {"qa", "summarization", "translation", "generation", "sentiment", "text", "chat"}
+ALL_TASKS = {"qa", "summarization", "translation", "generation", "sentiment", "text", "chat", "preference",
+             "unpaired"}
+PIPELINES = {n for n, p in shipped().items() if is_pipeline(p)}
+RECIPES = sorted(set(shipped()) - PIPELINES)
 
 
 def parse(text: str, *overrides: str) -> Recipe:
@@ -26,7 +30,7 @@ def problems(text: str, *overrides: str) -> list[str]:
     return [str(p) for p in e.value.problems]
 
 
-@pytest.mark.parametrize("name", sorted(shipped()))
+@pytest.mark.parametrize("name", RECIPES)
 def test_shipped_recipe_validates_and_opens_with_its_command(name):
     path = shipped()[name]
     recipe, _ = load_recipe(name)
@@ -36,7 +40,20 @@ def test_shipped_recipe_validates_and_opens_with_its_command(name):
     assert summary(path)["description"]
 
 
-@pytest.mark.parametrize("name", sorted(shipped()))
+@pytest.mark.parametrize("name", sorted(PIPELINES))
+def test_shipped_pipeline_validates_every_stage_and_opens_with_its_command(name):
+    path = shipped()[name]
+    assert path.read_text().splitlines()[0] == f"# adapterkit recipe run {name}"
+    stages = resolve(load_pipeline(path, ["train.max_steps=5", "dpo.preference.beta=0.3"]))
+    assert [r.train.max_steps for _, r, _, _ in stages] == [5] * len(stages)
+    assert stages[-1][1].preference.beta == 0.3 and stages[0][1].preference.beta == 0.1
+    # Each stage starts from the one before: whole weights after pretraining, the run after an adapter.
+    for (_, prev, _, _), (_, recipe, _, came_from) in zip(stages, stages[1:]):
+        assert came_from == prev.output_dir
+        assert recipe.model.from_run == prev.output_dir or recipe.model.name_or_path == f"{prev.output_dir}/model"
+
+
+@pytest.mark.parametrize("name", RECIPES)
 @pytest.mark.parametrize("method", sorted(ALL_METHODS))
 def test_saved_recipe_reads_back_as_the_same_recipe(name, method):
     # The run directory's recipe.yaml is how eval, export and later stages know what was trained.
@@ -55,7 +72,7 @@ def test_saved_recipe_reads_back_as_the_same_recipe(name, method):
 
 
 def test_shipped_recipes_cover_every_method_and_task():
-    rows = [summary(p) for p in shipped().values()]
+    rows = [summary(shipped()[n]) for n in RECIPES]
     assert {r["method"] for r in rows} == ALL_METHODS
     assert {r["task"] for r in rows} == ALL_TASKS
 

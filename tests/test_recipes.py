@@ -10,10 +10,11 @@ import pytest
 from adapterkit.config import load_recipe
 from adapterkit.data.formatter import FormatSpec, Formatter
 from adapterkit.data.loading import read_rows
-from adapterkit.recipes import shipped
+from adapterkit.recipes import shipped, summary
 from adapterkit.recipes.train import run
 
-SFT = sorted(n for n in shipped() if n != "pretrain-tiny")
+SFT = sorted(n for n in shipped() if summary(shipped()[n])["stage"] == "sft")
+PREFERENCE = sorted(n for n in shipped() if summary(shipped()[n])["stage"] in ("dpo", "kto"))
 
 
 @pytest.mark.parametrize("name", SFT)
@@ -56,3 +57,21 @@ def test_shipped_recipe_runs_end_to_end(name, tmp_path, fast_builtin):
     assert summary["task"] == recipe.data.task and summary["n"] == 4
     assert summary["headline"] in summary["base"] and summary["headline"] in summary["tuned"]
     assert (out / "report.md").read_text().startswith(f"# {name}: ")
+
+
+@pytest.mark.parametrize("name", PREFERENCE)
+def test_shipped_preference_recipe_runs_end_to_end(name, tmp_path, fast_builtin):
+    from adapterkit.recipes import preference
+
+    recipe, src = load_recipe(name, ["train.max_steps=3", "train.log_every=1", "train.save_every=2",
+                                     f"output_dir={tmp_path / 'run'}"])
+    result = preference.run(recipe, src, echo=False)
+    out = result.out
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "completed" and manifest["stage"] == recipe.stage
+    assert (out / "checkpoints" / "checkpoint-2").is_dir() and (out / "loss.png").stat().st_size > 0
+    assert (out / "model" / "adapter_model.safetensors").is_file()
+    assert not (out / "model" / "ref").exists()  # only the trained adapter is saved, not trl's reference copy
+    summary_ = json.loads((out / "metrics.json").read_text())
+    assert summary_["n"] == 16 and summary_["headline"] in summary_["base"]
+    assert "reward_accuracy" in summary_["tuned"]

@@ -80,8 +80,10 @@ class DataReport:
     def summary(self) -> str:
         dropped = sum(self.dropped.values())
         text = (f"{self.split}: {self.rows_read} rows from {self.source} -> {self.examples} examples "
-                f"({dropped} dropped, {self.truncated} truncated), {self.tokens:,} tokens "
-                f"({self.supervised_tokens:,} supervised; EOS supervised in {self.eos_supervised} rows)")
+                f"({dropped} dropped, {self.truncated} truncated)")
+        if self.tokens:  # preference data is tokenized by trl, so it has no token counts here
+            text += (f", {self.tokens:,} tokens ({self.supervised_tokens:,} supervised; EOS supervised in "
+                     f"{self.eos_supervised} rows)")
         for reason, n in sorted(self.dropped.items()):
             text += f"\n    dropped {n}: {reason}"
         if self.labels:
@@ -126,14 +128,17 @@ class Formatter:
         self.prefix_ids = with_special[: len(with_special) - len(without)] if with_special[-len(without):] == without else []
 
     @classmethod
-    def for_training(cls, cfg: DataConfig, tokenizer: Any, labels: list[str]) -> "Formatter":
-        """Pick the mode from the tokenizer: its chat template if it has one, else the plain template."""
+    def for_training(cls, cfg: DataConfig, tokenizer: Any, labels: list[str], conversational: bool = False
+                     ) -> "Formatter":
+        """Pick the mode from the tokenizer: its chat template if it has one, else the plain template.
+        Conversations (chat data, or preference pairs given as conversations) always use a chat template."""
         task = TASKS[cfg.task]
         has_template = bool(getattr(tokenizer, "chat_template", None))
+        conversational = conversational or task.kind == "chat"
         chat_template = None
-        if task.kind == "chat" and not has_template:
+        if conversational and not has_template:
             chat_template = FALLBACK_CHAT_TEMPLATE
-        mode = "chat_template" if (has_template or task.kind == "chat") and task.kind != "text" else "plain"
+        mode = "chat_template" if (has_template or conversational) and task.kind != "text" else "plain"
         spec = FormatSpec(task=cfg.task, mode=mode, labels=labels, template=cfg.template,
                           system_prompt=cfg.system_prompt, train_on_prompt=cfg.train_on_prompt,
                           max_length=cfg.max_length, chat_template=chat_template)
@@ -164,9 +169,19 @@ class Formatter:
 
     def fields(self, raw: RawRow) -> tuple[dict[str, Any] | None, str | None]:
         """The task fields of a row, or (None, reason) when the row must be dropped."""
+        if self.task.kind == "preference":
+            conversation = _split_conversations(*(raw.values.get(self.columns.get(f, f)) for f in ("chosen", "rejected")))
+            if conversation is not None:
+                return conversation
         out: dict[str, Any] = {}
         for f in self.task.fields:
             value = raw.values.get(self.columns.get(f, f))
+            if self.task.kind == "unpaired" and f == "label":
+                label = _judgement(value)
+                if label is None:
+                    return None, "label is not true or false"
+                out[f] = label
+                continue
             if f == "messages":
                 if not _valid_messages(value):
                     return None, "messages are not a list of {role, content} with an assistant turn"
@@ -179,6 +194,8 @@ class Formatter:
                 if not text.strip():
                     return None, f"empty '{f}'"
             out[f] = (text or "").strip() if f != "text" else text
+        if self.task.kind == "preference" and not out.get("prompt"):
+            return None, "missing or empty 'prompt' (or give chosen and rejected as conversations)"
         if self.task.name == "sentiment" and self.spec.labels and out["label"] not in self.spec.labels:
             return None, f"label not in the label set ({', '.join(self.spec.labels)})"
         return out, None
@@ -195,18 +212,29 @@ class Formatter:
             if self.spec.system_prompt and messages[0]["role"] != "system":
                 messages.insert(0, {"role": "system", "content": self.spec.system_prompt})
             return {"messages": messages}
-        target = row[self.task.target]
-        user = self._user_text(row)
-        if self.spec.mode == "chat_template":
-            prompt = [{"role": "user", "content": user}]
+        prompt, reply = self._prompt(row)
+        if kind == "preference":
+            return {"prompt": prompt, "chosen": reply(row["chosen"]), "rejected": reply(row["rejected"])}
+        if kind == "unpaired":
+            return {"prompt": prompt, "completion": reply(row["completion"]), "label": row["label"]}
+        return {"prompt": prompt, "completion": reply(row[self.task.target])}
+
+    def _prompt(self, row: dict[str, Any]) -> tuple[Any, Any]:
+        """(prompt, a function that renders a reply to it): messages with a chat template, else text."""
+        if isinstance(row.get("prompt"), list):  # a conversation (preference rows given as conversations)
+            messages = list(row["prompt"])
+        elif self.spec.mode == "chat_template":
+            messages = [{"role": "user", "content": self._user_text(row)}]
+        else:
+            prompt = self._user_text(row)
+            prompt = prompt if self.spec.template else f"{prompt}\n{self.task.cue}"
             if self.spec.system_prompt:
-                prompt.insert(0, {"role": "system", "content": self.spec.system_prompt})
-            return {"prompt": prompt, "completion": [{"role": "assistant", "content": target}]}
-        prompt = user if self.spec.template else f"{user}\n{self.task.cue}"
-        if self.spec.system_prompt:
-            prompt = f"{self.spec.system_prompt}\n\n{prompt}"
-        sep = "" if prompt[-1:].isspace() else " "
-        return {"prompt": prompt, "completion": sep + target}
+                prompt = f"{self.spec.system_prompt}\n\n{prompt}"
+            sep = "" if prompt[-1:].isspace() else " "
+            return prompt, lambda text: sep + text
+        if self.spec.system_prompt and messages[0]["role"] != "system":
+            messages.insert(0, {"role": "system", "content": self.spec.system_prompt})
+        return messages, lambda text: [{"role": "assistant", "content": text}]
 
     def split_for_eval(self, record: dict[str, Any]) -> tuple[list[int], list[int]]:
         """(prompt ids, reference ids) of a record, the prompt tokenized exactly as in training.
@@ -287,6 +315,37 @@ class Formatter:
         if truncated:
             ids, labels = ids[:limit], labels[:limit]
         return Encoded(ids, labels, truncated)
+
+
+def _split_conversations(chosen: Any, rejected: Any) -> tuple[dict[str, Any] | None, str | None] | None:
+    """Preference rows whose chosen and rejected are whole conversations: (fields, None) with the shared
+    turns as the prompt, (None, reason) if they do not fit that form, or None if they are plain text."""
+    if not isinstance(chosen, list) and not isinstance(rejected, list):
+        return None
+    if not (_valid_messages(chosen) and _valid_messages(rejected)):
+        return None, "chosen/rejected conversations are not lists of {role, content} with an assistant turn"
+    if chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
+        return None, "chosen/rejected conversations do not end with the assistant's reply"
+    if chosen[:-1] != rejected[:-1]:
+        return None, "chosen and rejected conversations differ before the last reply"
+    if not chosen[-1]["content"].strip() or not rejected[-1]["content"].strip():
+        return None, "empty chosen or rejected reply"
+    prompt = [{"role": m["role"], "content": m["content"]} for m in chosen[:-1]]
+    return {"prompt": prompt, "chosen": chosen[-1]["content"].strip(), "rejected": rejected[-1]["content"].strip()}, None
+
+
+_TRUE, _FALSE = {"true", "1", "yes", "good", "desirable"}, {"false", "0", "no", "bad", "undesirable"}
+
+
+def _judgement(value: Any) -> bool | None:
+    """An unpaired row's label as a bool: true/false, 1/0, yes/no, good/bad; None if it is none of them."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    return None
 
 
 def _valid_messages(value: Any) -> bool:

@@ -49,6 +49,10 @@ def _generation(row: Row, labels: list[str]) -> str:
     return row["instruction"]
 
 
+def _prompt(row: Row, labels: list[str]) -> str:
+    return row["prompt"]
+
+
 def _sentiment(row: Row, labels: list[str]) -> str:
     choices = ", ".join(labels[:-1]) + f" or {labels[-1]}" if len(labels) > 1 else labels[0]
     return f"Classify the sentiment of the text as {choices}.\n\nText: {row['text']}"
@@ -59,7 +63,7 @@ class TaskSpec:
     """How one task reads its rows. `fields` lists required fields first, then optional ones."""
 
     name: str
-    kind: Literal["prompt_completion", "text", "chat"]
+    kind: Literal["prompt_completion", "text", "chat", "preference", "unpaired"]
     fields: tuple[str, ...]
     required: tuple[str, ...]
     target: str | None = None
@@ -83,4 +87,10 @@ TASKS: dict[str, TaskSpec] = {
                           target="label", user=_sentiment, cue="Sentiment:"),
     "text": TaskSpec("text", "text", ("text",), ("text",)),
     "chat": TaskSpec("chat", "chat", ("messages",), ("messages",)),
+    # Preference data (stages dpo and kto): a prompt and completions judged better or worse. `chosen` and
+    # `rejected` may also be whole conversations (lists of messages ending in the assistant's reply).
+    "preference": TaskSpec("preference", "preference", ("chosen", "rejected", "prompt"), ("chosen", "rejected"),
+                           user=_prompt, cue="Response:"),
+    "unpaired": TaskSpec("unpaired", "unpaired", ("prompt", "completion", "label"), ("prompt", "completion", "label"),
+                         target="completion", user=_prompt, cue="Response:"),
 }

@@ -37,6 +37,10 @@ def summary(path: Path) -> dict[str, str]:
     from adapterkit.config import Recipe
 
     data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if "pipeline" in data:
+        stages = [str(s.get("name")) for s in data["pipeline"] if isinstance(s, dict)]
+        return {"name": path.stem, "stage": "pipeline", "method": "-", "task": " > ".join(stages),
+                "description": data.get("description", "")}
     defaults = Recipe()
     return {
         "name": path.stem,

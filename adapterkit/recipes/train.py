@@ -10,6 +10,7 @@ Everything that can be wrong with the user's input is found before the output di
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import shutil
@@ -97,11 +98,10 @@ def prepare_data(recipe: Recipe, tokenizer: Any, train_rows: list[RawRow] | None
     return formatter, train, evaluation, reports
 
 
-def _sft_config(recipe: Recipe, out: Path, precision: str, dev: Any, has_eval: bool) -> Any:
-    from trl import SFTConfig
-
-    t, d = recipe.train, recipe.data
-    return SFTConfig(
+def trainer_args(recipe: Recipe, out: Path, precision: str, dev: Any, has_eval: bool) -> dict[str, Any]:
+    """The TrainingArguments every stage shares (SFTConfig, DPOConfig and KTOConfig all take them)."""
+    t = recipe.train
+    return dict(
         output_dir=str(out / "checkpoints"),
         num_train_epochs=t.epochs,
         max_steps=t.max_steps or -1,
@@ -129,22 +129,31 @@ def _sft_config(recipe: Recipe, out: Path, precision: str, dev: Any, has_eval: b
         logging_nan_inf_filter=False,  # a NaN loss must show in the log, not be replaced by an average
         disable_tqdm=True,
         include_num_input_tokens_seen="non_padding",
-        max_length=d.max_length,
-        packing=d.packing,
-        # Pretraining concatenates documents (EOS between them) and cuts the stream into blocks; SFT
-        # packs whole examples best-fit, padding-free, so attention never crosses two examples.
-        packing_strategy="wrapped" if recipe.stage == "pretrain" else "bfd",
+        max_length=recipe.data.max_length,
         dataset_num_proc=None,
     )
 
 
-def guarded_trainer_class() -> type:
-    """trl's SFTTrainer with atomic checkpoints and a stop on non-finite loss or gradients."""
+def _sft_config(recipe: Recipe, out: Path, precision: str, dev: Any, has_eval: bool) -> Any:
+    from trl import SFTConfig
+
+    return SFTConfig(
+        **trainer_args(recipe, out, precision, dev, has_eval),
+        packing=recipe.data.packing,
+        # Pretraining concatenates documents (EOS between them) and cuts the stream into blocks; SFT
+        # packs whole examples best-fit, padding-free, so attention never crosses two examples.
+        packing_strategy="wrapped" if recipe.stage == "pretrain" else "bfd",
+    )
+
+
+def guarded_trainer_class(base: type | None = None) -> type:
+    """A trl trainer (SFTTrainer unless `base` is given) with atomic checkpoints and a stop on
+    non-finite loss or gradients."""
     import torch
     from transformers.trainer_utils import rotate_checkpoints
     from trl import SFTTrainer
 
-    class GuardedTrainer(SFTTrainer):
+    class GuardedTrainer(base or SFTTrainer):
         def _save_checkpoint(self, model: Any, trial: Any) -> None:
             # transformers writes checkpoint-N in place, and a kill mid-save leaves a folder resume
             # would trust. Write it under a staging name, then publish it by rename.
@@ -302,9 +311,11 @@ class RunResult:
 
 
 def run(recipe: Recipe, src: RecipeSource, force: bool = False, echo: bool = True,
-        callbacks: list[Any] | None = None, restart: bool = False, resume_anyway: bool = False) -> RunResult:
+        callbacks: list[Any] | None = None, restart: bool = False, resume_anyway: bool = False,
+        lineage: dict[str, Any] | None = None) -> RunResult:
     """Train one recipe end to end, or resume it from its newest checkpoint when `output_dir` holds
-    an interrupted run of the same recipe and data. `callbacks` are extra TrainerCallbacks."""
+    an interrupted run of the same recipe and data. `callbacks` are extra TrainerCallbacks; `lineage`
+    (which pipeline and run this one comes from) goes into the manifest."""
     import datasets
     from transformers import set_seed
     from transformers.utils import logging as hf_logging
@@ -321,6 +332,12 @@ def run(recipe: Recipe, src: RecipeSource, force: bool = False, echo: bool = Tru
     method = METHODS[recipe.adapter.method]
     m = recipe.model
     set_seed(recipe.train.seed)
+    lineage = dict(lineage or {})
+    if m.from_run is not None:
+        # The run's weights become the base; the saved recipe names them directly.
+        weights, lineage["from_run"] = _weights_of_run(m.from_run)
+        recipe = dataclasses.replace(recipe, model=dataclasses.replace(m, name_or_path=weights, from_run=None))
+        m = recipe.model
 
     # Tokenizer and data first: bad data must fail before a model is loaded or a file is written.
     source, tokenizer, train_rows = tokenizer_for(recipe, say)
@@ -346,7 +363,7 @@ def run(recipe: Recipe, src: RecipeSource, force: bool = False, echo: bool = Tru
             "recipe": src.name, "recipe_path": src.path, "overrides": src.command_line, "stage": recipe.stage,
             "method": method.name, "task": recipe.data.task, "seed": recipe.train.seed, "device": str(dev),
             "precision": precision, "model_source": source or "scratch", "fingerprint": rundir.fingerprint(resolved),
-            "data": data_ids,
+            "data": data_ids, "lineage": lineage,
         })
         rundir.write_json(out / "data_report.json", [r.to_dict() for r in reports])
 
@@ -367,6 +384,23 @@ def run(recipe: Recipe, src: RecipeSource, force: bool = False, echo: bool = Tru
         say(f"eval loss {metrics['eval_loss_before']:.4f} -> {metrics['eval_loss_after']:.4f}")
     say(f"saved {method.name} {'adapter' if method.family != 'full' else 'model'} to {out / 'model'}")
     return RunResult(out, trainer.model, tokenizer, metrics)
+
+
+def _weights_of_run(path: str) -> tuple[str, str]:
+    """(model directory, run directory) of a full or pretraining run that an sft stage starts from."""
+    from adapterkit.trained import locate
+
+    run_dir, model_dir = locate(path)
+    if run_dir is None:
+        raise AdapterkitError(Problem("model.from_run", f"'{path}' is a model directory, not a run",
+                                      fix="use model.name_or_path for a plain model directory"))
+    method = json.loads((run_dir / rundir.MANIFEST).read_text()).get("method")
+    if method != "full":
+        raise AdapterkitError(Problem("model.from_run", f"run '{run_dir}' trained a {method} adapter; an sft stage "
+                                      "starts from whole weights (a pretraining or full run)",
+                                      fix="continue an adapter with a dpo or kto stage, or merge it first with "
+                                          "`adapterkit export` and use model.name_or_path"))
+    return str(model_dir), str(run_dir.resolve())
 
 
 def save_final(trainer: Any, tokenizer: Any, formatter: Formatter, out: Path) -> Path:

@@ -1,0 +1,379 @@
+"""The preference stages: `dpo` (pairs: prompt, chosen, rejected) and `kto` (unpaired examples judged
+desirable or not), on trl's DPOTrainer and KTOTrainer, usually after an SFT run.
+
+    adapterkit recipe run dpo-preference model.from_run=runs/sft1 data.train=pairs.jsonl
+
+Top to bottom: check the output dir; find the starting point (an earlier run's base and adapter, or a
+model); read, validate and format the data with the shared formatter (in the starting run's own
+template); load the model; train; score held-out pairs with the starting and the tuned policy;
+publish the final adapter atomically.
+
+The reference model is the starting policy, frozen, and never a second copy of the base: when the
+adapter continues an SFT run, trl keeps a frozen copy of the SFT adapter (named "ref") on the same
+base and switches to it for the reference pass; a fresh adapter's reference is the model with the
+adapter switched off (a LoRA adapter starts as a no-op, so that is the starting policy too).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from adapterkit import evaluation, models, rundir
+from adapterkit.adapters import METHODS, MethodSpec, trainable_parameters
+from adapterkit.adapters.lora import quantization_config
+from adapterkit.config import (
+    Recipe,
+    RecipeSource,
+    dump_recipe,
+    load_recipe,
+    recipe_to_dict,
+)
+from adapterkit.data.formatter import DataReport, FormatSpec, Formatter
+from adapterkit.data.loading import RawRow, read_rows
+from adapterkit.errors import AdapterkitError, DataError, Problem
+from adapterkit.recipes.train import (
+    _data_files,
+    _describe,
+    guarded_trainer_class,
+    save_final,
+    trainer_args,
+)
+from adapterkit.trained import locate
+
+
+@dataclass
+class Start:
+    """Where a preference stage starts from."""
+
+    source: str
+    """The base weights: a hub id or directory."""
+    method: MethodSpec
+    adapter_dir: Path | None = None
+    """An earlier run's adapter, which keeps training (and is the reference); None for a fresh adapter."""
+    from_run: Path | None = None
+    run_recipe: Recipe | None = None
+    spec: FormatSpec | None = None
+    """The earlier run's format (template mode, chat template, system prompt), reused for the prompts."""
+
+
+def starting_point(recipe: Recipe) -> Start:
+    """The base, method and adapter to start from: `model.from_run`, or `model.name_or_path` with the
+    recipe's adapter."""
+    m = recipe.model
+    if m.from_run is None:
+        return Start(models.model_source(m), METHODS[recipe.adapter.method])
+    run_dir, model_dir = locate(m.from_run)
+    if run_dir is None:
+        raise AdapterkitError(Problem("model.from_run", f"'{m.from_run}' is a model directory, not a run",
+                                      fix="pass the run's output_dir, or use model.name_or_path for a plain model"))
+    manifest = json.loads((run_dir / rundir.MANIFEST).read_text())
+    run_recipe, _ = load_recipe(str(run_dir / "recipe.yaml"))
+    spec = FormatSpec(**json.loads((model_dir / "format.json").read_text())) if (model_dir / "format.json").is_file() else None
+    method = METHODS[manifest["method"]]
+    if method.family == "lora":
+        # The adapter continues: its method (lora or qlora) and settings are the run's.
+        return Start(manifest["model_source"], method, model_dir, run_dir, run_recipe, spec)
+    if method.family == "full":
+        # A full fine-tune (or pretraining) produced whole weights: they are the base of a new adapter.
+        return Start(str(model_dir), METHODS[recipe.adapter.method], None, run_dir, run_recipe, spec)
+    raise AdapterkitError(Problem("model.from_run", f"run '{run_dir}' trained a {method.name} soft prompt, which "
+                                  "cannot continue as a preference stage",
+                                  fix="start from a lora, qlora or full run, or from a plain model"))
+
+
+def format_rows(rows: list[RawRow], formatter: Formatter, split: str, source: str) -> tuple[list[dict], DataReport]:
+    """Validate preference rows and render them in TRL's vocabulary (prompt/chosen/rejected or
+    prompt/completion/label); drop (and count) rows that cannot train."""
+    if not rows:
+        raise DataError(Problem(source, f"the {split} data is empty (no rows)", f"data.{split}",
+                                fix="check the file (or the hub split) holds rows"))
+    formatter.check_columns(rows, source)
+    report = DataReport(split=split, source=source, rows_read=len(rows))
+    records, seen = [], set()
+    for raw in rows:
+        fields, reason = formatter.fields(raw)
+        if fields is None:
+            report.dropped[reason] += 1
+            continue
+        if fields.get("chosen") is not None and fields["chosen"] == fields.get("rejected"):
+            report.dropped["chosen and rejected are the same"] += 1
+            continue
+        record = formatter.record(fields)
+        key = json.dumps(record, sort_keys=True, ensure_ascii=False)
+        if key in seen:
+            report.dropped["duplicate of an earlier row"] += 1
+            continue
+        seen.add(key)
+        records.append(record)
+        if "label" in record:
+            report.labels["desirable" if record["label"] else "undesirable"] += 1
+    report.examples = len(records)
+    return records, report
+
+
+def _conversational(rows: list[RawRow], formatter: Formatter) -> bool:
+    for raw in rows[:50]:
+        fields, _ = formatter.fields(raw)
+        if fields is not None:
+            return isinstance(fields.get("prompt"), list)
+    return False
+
+
+def prepare_data(recipe: Recipe, tokenizer: Any, start: Start) -> tuple[Formatter, list[dict], list[dict] | None,
+                                                                        list[DataReport]]:
+    """The formatter (in the starting run's template when there is one) and the formatted splits."""
+    d = recipe.data
+    train_rows = read_rows(d.train, d.train_split, "data.train")
+    probe = Formatter(FormatSpec(task=d.task, mode="plain"), tokenizer, d.columns)
+    formatter = Formatter.for_training(d, tokenizer, [], conversational=_conversational(train_rows, probe))
+    if start.spec is not None:
+        # Ask in the words the starting model was trained with: its template mode, chat template and
+        # system prompt (unless the recipe sets its own).
+        spec = formatter.spec
+        spec.mode = start.spec.mode if spec.mode == "plain" else spec.mode
+        spec.chat_template = start.spec.chat_template or spec.chat_template
+        spec.system_prompt = d.system_prompt if d.system_prompt is not None else start.spec.system_prompt
+        formatter = Formatter(spec, tokenizer, d.columns)
+    train, report = format_rows(train_rows, formatter, "train", _describe(d.train))
+    reports = [report]
+    dropped = sum(report.dropped.values())
+    if not train:
+        reasons = "; ".join(f"{n} {r}" for r, n in report.dropped.items())
+        raise DataError(Problem(_describe(d.train), f"no usable training example ({reasons})", "data.train",
+                                fix="check the file and the task's fields (see the README's task table)"))
+    if dropped > d.max_dropped * report.rows_read:
+        reasons = "; ".join(f"{n} {r}" for r, n in sorted(report.dropped.items()))
+        raise DataError(Problem(_describe(d.train), f"{dropped} of {report.rows_read} rows would be dropped: "
+                                f"{reasons}", "data.max_dropped",
+                                fix="clean the data (see `adapterkit data preview`), or raise data.max_dropped"))
+    if recipe.stage == "kto" and len(report.labels) < 2:
+        raise DataError(Problem(_describe(d.train), f"every row is {next(iter(report.labels))}; kto needs both "
+                                "desirable (label true) and undesirable (label false) examples", "data.train",
+                                fix="add rows with the other label"))
+    evaluation_rows = None
+    if d.eval is not None:
+        evaluation_rows, eval_report = format_rows(read_rows(d.eval, d.eval_split, "data.eval"), formatter, "eval",
+                                                   _describe(d.eval))
+        reports.append(eval_report)
+        if not evaluation_rows:
+            raise DataError(Problem(_describe(d.eval), "no usable eval example", "data.eval",
+                                    fix="check the eval file, or remove data.eval"))
+    return formatter, train, evaluation_rows, reports
+
+
+def load_model(recipe: Recipe, start: Start, precision: str, dev: torch.device) -> Any:
+    """The policy: the starting adapter loaded trainable on its base, or the base wrapped for a fresh one."""
+    method = start.method
+    model_cfg = start.run_recipe.model if start.adapter_dir is not None else recipe.model
+    adapter = start.run_recipe.adapter if start.adapter_dir is not None else recipe.adapter
+    dtype = models.resolve_dtype(model_cfg.dtype, method.trains_base, precision)
+    quant = None
+    if method.quantized_base:
+        quant = quantization_config(adapter.quant, models.resolve_dtype(adapter.quant.compute_dtype, False, precision))
+    base = models.load_model(model_cfg, start.source, dtype, quant, dev)
+    if start.adapter_dir is None:
+        return method.wrap(base, adapter, start.source, recipe.train)
+    from peft import PeftModel, prepare_model_for_kbit_training
+
+    if quant is not None:
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=recipe.train.gradient_checkpointing,
+                                               gradient_checkpointing_kwargs={"use_reentrant": False})
+    return PeftModel.from_pretrained(base, str(start.adapter_dir), is_trainable=True)
+
+
+def _config(recipe: Recipe, out: Path, precision: str, dev: Any, has_eval: bool) -> Any:
+    p = recipe.preference
+    args = trainer_args(recipe, out, precision, dev, has_eval)
+    if recipe.stage == "kto":
+        from trl import KTOConfig
+
+        return KTOConfig(**args, beta=p.beta, loss_type=p.loss or "kto", desirable_weight=p.desirable_weight,
+                         undesirable_weight=p.undesirable_weight)
+    from trl import DPOConfig
+
+    return DPOConfig(**args, beta=p.beta, loss_type=[p.loss or "sigmoid"], label_smoothing=p.label_smoothing)
+
+
+# -- held-out preference metrics -----------------------------------------------------------------------
+
+def sequence_pairs(dataset: Any, max_length: int) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, completion ids) of trl's tokenized eval set, cut to max_length as trl's collator
+    cuts them: DPO gives chosen and rejected of each pair in turn, KTO one completion per row."""
+    pairs = []
+    for ex in dataset:
+        for key in ("chosen_ids", "rejected_ids", "completion_ids"):
+            if key in ex:
+                prompt = ex["prompt_ids"]
+                pairs.append((prompt, ex[key][: max(1, max_length - len(prompt))]))
+    return pairs
+
+
+def score(model: Any, pairs: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int, say: Any,
+          name: str) -> list[float]:
+    was_training = model.training
+    model.eval()
+    try:
+        return evaluation.sequence_logprobs(model, pairs, pad_id, batch_size,
+                                            evaluation.Progress(say, f"{name} scoring", len(pairs)))
+    finally:
+        model.train(was_training)
+
+
+def preference_metrics(stage: str, start: list[float], tuned: list[float] | None, labels: list[bool] | None,
+                       lengths: list[int], beta: float) -> dict[str, float]:
+    """Metrics of one policy (`tuned`, against the starting policy as reference), or of the starting
+    policy alone (`tuned` None). Log-probabilities are summed over each completion's tokens."""
+    own = tuned if tuned is not None else start
+    if stage == "dpo":
+        c, r = own[0::2], own[1::2]
+        n = len(c)
+        out = {"preference_accuracy": 100 * sum(a > b for a, b in zip(c, r)) / n,
+               "logp_margin": sum(a - b for a, b in zip(c, r)) / n}
+        if tuned is not None:
+            # The implicit reward of DPO: beta * (log pi(y|x) - log pi_ref(y|x)).
+            rc = [beta * (a - b) for a, b in zip(tuned[0::2], start[0::2])]
+            rr = [beta * (a - b) for a, b in zip(tuned[1::2], start[1::2])]
+            out.update(reward_accuracy=100 * sum(a > b for a, b in zip(rc, rr)) / n,
+                       reward_margin=sum(a - b for a, b in zip(rc, rr)) / n)
+        return out
+    per_token = [v / max(1, k) for v, k in zip(own, lengths)]
+    good = [v for v, y in zip(per_token, labels) if y]
+    bad = [v for v, y in zip(per_token, labels) if not y]
+    out = {"desirable_logp_per_token": sum(good) / max(1, len(good)),
+           "undesirable_logp_per_token": sum(bad) / max(1, len(bad))}
+    out["logp_gap"] = out["desirable_logp_per_token"] - out["undesirable_logp_per_token"]
+    if tuned is not None:
+        rewards = [beta * (a - b) for a, b in zip(tuned, start)]
+        out["reward_accuracy"] = 100 * sum((w > 0) == y for w, y in zip(rewards, labels)) / len(rewards)
+    return out
+
+
+# -- the stage --------------------------------------------------------------------------------------
+
+def run(recipe: Recipe, src: RecipeSource, force: bool = False, echo: bool = True, callbacks: list[Any] | None = None,
+        restart: bool = False, resume_anyway: bool = False, lineage: dict[str, Any] | None = None) -> Any:
+    """Train a dpo or kto recipe end to end (resuming an interrupted run like `train.run`)."""
+    import datasets
+    from transformers import set_seed
+    from transformers.utils import logging as hf_logging
+
+    from adapterkit.recipes.train import RunResult
+
+    say = print if echo else (lambda *a, **k: None)
+    datasets.disable_progress_bars()
+    hf_logging.disable_progress_bar()
+    out = Path(recipe.output_dir)
+    data_ids = {"train": _data_files(recipe.data.train, recipe.data.train_split),
+                "eval": _data_files(recipe.data.eval, recipe.data.eval_split)}
+    resolved = recipe_to_dict(recipe)
+    checkpoint = rundir.plan_output_dir(out, resolved, data_ids, force, restart, resume_anyway)
+    dev = models.device()
+    set_seed(recipe.train.seed)
+
+    start = starting_point(recipe)
+    tokenizer_dir = start.adapter_dir or (start.from_run / "model" if start.from_run else None)
+    tokenizer = models.load_tokenizer(recipe.model, str(tokenizer_dir or recipe.model.tokenizer or start.source))
+    formatter, train, evaluation_rows, reports = prepare_data(recipe, tokenizer, start)
+    config = models.load_config(recipe.model, start.source)
+    precision = models.resolve_precision(recipe.train.precision, dev,
+                                         models.count_parameters(config, recipe.model.trust_remote_code))
+    say(f"data ({recipe.data.task}, {formatter.spec.mode} template)")
+    for report in reports:
+        say("  " + report.summary())
+    if start.from_run is not None:
+        say(f"starting from run {start.from_run} ({start.method.name}"
+            + (", its adapter continues and is the frozen reference)" if start.adapter_dir else ", as the base)"))
+
+    lineage = {**(lineage or {}), **({"from_run": str(start.from_run.resolve())} if start.from_run else {})}
+    if checkpoint is not None:
+        step = rundir.resume(out, checkpoint)
+        say(f"resuming from {checkpoint} (step {step}); recipe and data are unchanged since it was written")
+    else:
+        rundir.start(out, (out / rundir.MANIFEST).is_file(), dump_recipe(recipe), {
+            "recipe": src.name, "recipe_path": src.path, "overrides": src.command_line, "stage": recipe.stage,
+            "method": start.method.name, "task": recipe.data.task, "seed": recipe.train.seed, "device": str(dev),
+            "precision": precision, "model_source": start.source, "fingerprint": rundir.fingerprint(resolved),
+            "data": data_ids, "lineage": lineage,
+        })
+        rundir.write_json(out / "data_report.json", [r.to_dict() for r in reports])
+
+    try:
+        trainer, metrics = _train(recipe, out, dev, start, tokenizer, train, evaluation_rows, precision, say, echo,
+                                  callbacks, checkpoint)
+        if "ref" in getattr(trainer.model, "peft_config", {}):
+            trainer.model.delete_adapter("ref")  # the reference is the starting adapter, already saved by its run
+        save_final(trainer, tokenizer, formatter, out)
+    except BaseException as e:
+        rundir.update_manifest(out, status="failed", finished=rundir.now(), error=f"{type(e).__name__}: {e}")
+        raise
+    rundir.plot_losses(out)
+    if "pref_before" in metrics:
+        summary = {"task": recipe.data.task, "n": metrics.pop("pref_n"), "skipped": {},
+                   "headline": "preference_accuracy" if recipe.stage == "dpo" else "logp_gap",
+                   "base": metrics["pref_before"], "tuned": metrics["pref_after"], "worst": []}
+        evaluation.write_report(out, summary, f"{src.name}: {recipe.stage} ({start.method.name})", out / "loss.png")
+        say(evaluation.metrics_table(summary))
+    rundir.update_manifest(out, status="completed", finished=rundir.now(), metrics=metrics)
+    say(f"saved {start.method.name} {'adapter' if start.method.family != 'full' else 'model'} to {out / 'model'}")
+    return RunResult(out, trainer.model, tokenizer, metrics)
+
+
+def _train(recipe: Recipe, out: Path, dev: Any, start: Start, tokenizer: Any, train: list[dict],
+           evaluation_rows: list[dict] | None, precision: str, say: Any, echo: bool, callbacks: list[Any] | None,
+           checkpoint: Path | None) -> tuple[Any, dict[str, Any]]:
+    import datasets
+    from transformers import PrinterCallback
+
+    model = load_model(recipe, start, precision, dev)
+    trainable, total = trainable_parameters(model)
+    say(f"model: {start.method.name}, {trainable:,} of {total:,} parameters train ({100 * trainable / total:.3f}%), "
+        f"{dev.type}, {precision}")
+    if recipe.stage == "kto":
+        from trl import KTOTrainer as Base
+    else:
+        from trl import DPOTrainer as Base
+    # trl casts a QLoRA model's trainable weights to bf16, which would start the policy a rounding away
+    # from its reference; keep the float32 values and put them back (see also train.py).
+    trained_weights = {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
+    progress = rundir.ProgressLog(out, echo=echo)
+    trainer = guarded_trainer_class(Base)(
+        model=model,
+        args=_config(recipe, out, precision, dev, evaluation_rows is not None),
+        train_dataset=datasets.Dataset.from_list(train),
+        eval_dataset=datasets.Dataset.from_list(evaluation_rows) if evaluation_rows else None,
+        processing_class=tokenizer,
+        callbacks=[progress, *(callbacks or [])],
+    )
+    trainer.remove_callback(PrinterCallback)
+    for name, p in trainer.model.named_parameters():
+        if name in trained_weights:
+            p.data = trained_weights[name]
+    metrics: dict[str, Any] = {"trainable_parameters": trainable, "total_parameters": total}
+    pairs, labels, lengths = [], None, []
+    if evaluation_rows:
+        pairs = sequence_pairs(trainer.eval_dataset, recipe.data.max_length)
+        labels = list(trainer.eval_dataset["label"]) if recipe.stage == "kto" else None
+        lengths = [len(t) for _, t in pairs]
+        previous = json.loads((out / rundir.MANIFEST).read_text()).get("metrics") or {}
+        if "start_logps" in previous:
+            start_logps = previous["start_logps"]
+        else:
+            # Before any step the policy is the starting policy, which is also the reference.
+            start_logps = score(trainer.model, pairs, tokenizer.pad_token_id, recipe.eval.batch_size, say, "start")
+            rundir.update_manifest(out, metrics={**metrics, "start_logps": start_logps})
+    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    metrics.update(train_loss=result.training_loss, steps=result.global_step,
+                   runtime_s=round(result.metrics.get("train_runtime", 0.0), 2),
+                   tokens_seen=trainer.state.num_input_tokens_seen)
+    if evaluation_rows:
+        tuned = score(trainer.model, pairs, tokenizer.pad_token_id, recipe.eval.batch_size, say, "tuned")
+        beta = recipe.preference.beta
+        metrics["pref_before"] = preference_metrics(recipe.stage, start_logps, None, labels, lengths, beta)
+        metrics["pref_after"] = preference_metrics(recipe.stage, start_logps, tuned, labels, lengths, beta)
+        metrics["pref_n"] = len(evaluation_rows)
+    return trainer, metrics

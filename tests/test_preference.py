@@ -1,0 +1,198 @@
+"""The preference stages on tiny models: DPO and KTO train only the adapter, the reference is the SFT
+policy (a frozen copy of its adapter on the same base, not a second base), a pipeline chains its
+stages and records the lineage, and bad preference data fails with exit code 2."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import write_jsonl
+from test_methods import Snapshot
+from transformers import TrainerCallback
+
+from adapterkit.cli import main
+from adapterkit.config import load_recipe
+from adapterkit.recipes import preference, train
+from adapterkit.trained import load_trained
+
+QUIET = ["train.save_every=null", "train.log_every=1", "train.precision=fp32", "eval.limit=4",
+         "eval.max_new_tokens=4"]
+
+
+def sft_run(tmp_path, tiny_model_dir, method: str):
+    recipe, src = load_recipe("lora-generation", [
+        f"model.name_or_path={tiny_model_dir}", f"adapter.method={method}", "adapter.lora.dropout=0",
+        "train.max_steps=12", "train.lr=2e-2", *QUIET, f"output_dir={tmp_path / ('sft-' + method)}"])
+    return train.run(recipe, src, echo=False).out
+
+
+class ReferenceProbe(TrainerCallback):
+    """At the first step, logits of the policy, of trl's reference (its 'ref' adapter) and of the base."""
+
+    def __init__(self, batch):
+        self.batch = batch
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        from trl.trainer.utils import use_adapter
+
+        with torch.no_grad():
+            self.policy = model(**self.batch).logits.float()
+            with use_adapter(model, adapter_name="ref"):
+                self.reference = model(**self.batch).logits.float()
+            with model.disable_adapter():
+                self.base = model(**self.batch).logits.float()
+        self.ref_before = {n: p.detach().clone() for n, p in model.named_parameters() if ".ref." in n}
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self.ref_after = {n: p.detach().clone() for n, p in model.named_parameters() if ".ref." in n}
+
+
+def losses(out):
+    return [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines() if '"loss"' in line]
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_dpo_after_sft_trains_the_sft_adapter_against_the_sft_policy(tmp_path, tiny_model_dir, method):
+    sft = sft_run(tmp_path, tiny_model_dir, method)
+    sft_model = load_trained(sft)
+    batch = sft_model.tokenizer(["Name a fruit that is yellow.\nResponse: A banana."], return_tensors="pt")
+    with torch.no_grad():
+        sft_logits = sft_model.model(**batch).logits.float()
+    probe, snap = ReferenceProbe(batch), Snapshot()
+    # Scored on the pairs it trains on: a few steps on a random toy need not generalise.
+    recipe, src = load_recipe("dpo-preference", [f"model.from_run={sft}", "train.max_steps=8", "train.lr=5e-3",
+                                                 "data.eval=sample:preference/train", *QUIET,
+                                                 f"output_dir={tmp_path / 'dpo'}"])
+    result = preference.run(recipe, src, echo=False, callbacks=[probe, snap])
+
+    # The reference is the SFT policy exactly, not the raw base; and it is the starting policy.
+    assert torch.allclose(probe.reference, sft_logits, atol=1e-5), (probe.reference - sft_logits).abs().max()
+    assert not torch.allclose(probe.base, sft_logits, atol=1e-2)
+    assert torch.allclose(probe.policy, probe.reference, atol=1e-6)
+    # So the first DPO loss is log 2 (policy = reference), and it falls from there.
+    log = losses(result.out)
+    assert log[0] == pytest.approx(math.log(2), abs=2e-3) and log[-1] < log[0]
+    # Only the policy adapter trained: the base and trl's reference copy stayed frozen.
+    changed = {n for n in snap.before if not torch.equal(snap.before[n], snap.after[n])}
+    assert changed and all("lora_" in n and ".default" in n for n in changed), sorted(changed)[:4]
+    assert probe.ref_before and all(torch.equal(probe.ref_before[n], probe.ref_after[n]) for n in probe.ref_before)
+    # One copy of the base: for QLoRA it is 4-bit, shared by the policy and the reference.
+    if method == "qlora":
+        import bitsandbytes as bnb
+
+        assert any(isinstance(m, bnb.nn.Linear4bit) for m in result.model.modules())
+    # The saved adapter is the tuned policy only, and the manifest says where it came from.
+    manifest = json.loads((result.out / "manifest.json").read_text())
+    assert manifest["lineage"]["from_run"] == str(sft.resolve()) and manifest["method"] == method
+    metrics = json.loads((result.out / "metrics.json").read_text())
+    assert metrics["tuned"]["reward_margin"] > 0  # the implicit reward vs the SFT reference prefers chosen
+    assert set(metrics["base"]) == {"preference_accuracy", "logp_margin"}
+
+
+def test_dpo_on_a_plain_model_uses_the_model_without_adapter_as_reference(tmp_path, tiny_model_dir):
+    probe = ReferenceProbe({"input_ids": torch.tensor([[5, 6, 7, 8]])})
+    recipe, src = load_recipe("dpo-preference", [f"model.name_or_path={tiny_model_dir}", "train.max_steps=4",
+                                                 "preference.loss=ipo", *QUIET, f"output_dir={tmp_path / 'dpo'}"])
+    result = preference.run(recipe, src, echo=False, callbacks=[probe])
+    assert torch.allclose(probe.reference, probe.base, atol=1e-6)
+    assert torch.allclose(probe.policy, probe.base, atol=1e-6)  # a fresh LoRA adapter starts as a no-op
+    assert "lineage" in json.loads((result.out / "manifest.json").read_text())
+
+
+def test_kto_trains_on_unpaired_feedback(tmp_path, tiny_model_dir):
+    sft = sft_run(tmp_path, tiny_model_dir, "lora")
+    snap = Snapshot()
+    recipe, src = load_recipe("kto-feedback", [f"model.from_run={sft}", "train.max_steps=6", "train.lr=5e-3",
+                                               *QUIET, f"output_dir={tmp_path / 'kto'}"])
+    result = preference.run(recipe, src, echo=False, callbacks=[snap])
+    changed = {n for n in snap.before if not torch.equal(snap.before[n], snap.after[n])}
+    assert changed and all(".default" in n for n in changed)
+    metrics = json.loads((result.out / "metrics.json").read_text())
+    assert {"logp_gap", "reward_accuracy"} <= set(metrics["tuned"])
+    report = json.loads((result.out / "data_report.json").read_text())[0]
+    assert report["labels"] == {"desirable": 24, "undesirable": 24}
+
+
+def test_pipeline_runs_its_stages_in_order_and_records_the_lineage(tmp_path, capsys):
+    out = tmp_path / "pipe"
+    args = ["recipe", "run", "pipeline-quickstart", "train.max_steps=2", "train.save_every=null", "eval.limit=2",
+            "eval.max_new_tokens=2", f"output_dir={out}"]
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 0, capsys.readouterr().err
+    record = json.loads((out / "pipeline.json").read_text())
+    assert [s["name"] for s in record["stages"]] == ["pretrain", "sft", "dpo"]
+    assert all(s["status"] == "completed" for s in record["stages"])
+    sft = json.loads((out / "sft" / "manifest.json").read_text())
+    dpo = json.loads((out / "dpo" / "manifest.json").read_text())
+    assert sft["lineage"] == {"pipeline": "pipeline-quickstart", "stage": "sft",
+                              "from_run": str((out / "pretrain").resolve())}
+    assert sft["model_source"] == str(out / "pretrain" / "model")
+    assert dpo["lineage"]["from_run"] == str((out / "sft").resolve())
+    # Running it again finds every stage complete and trains nothing.
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 0 and capsys.readouterr().out.count("already complete") == 3
+
+
+BAD_ROWS = [
+    ({"prompt": "hi", "chosen": "hello", "rejected": "hello"}, "chosen and rejected are the same"),
+    ({"prompt": "hi", "chosen": "hello"}, "missing or non-text 'rejected'"),
+    ({"chosen": "hello", "rejected": "go away"}, "missing or empty 'prompt'"),
+    ({"chosen": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+      "rejected": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "c"}]},
+     "differ before the last reply"),
+]
+
+
+@pytest.mark.parametrize("row, reason", BAD_ROWS, ids=[r for _, r in BAD_ROWS])
+def test_bad_preference_rows_fail_with_the_reason(tmp_path, tiny_model_dir, capsys, row, reason):
+    good = {"prompt": "Say hi.", "chosen": "Hello there!", "rejected": "No."}
+    data = write_jsonl(tmp_path / "pairs.jsonl", [good, row])
+    with pytest.raises(SystemExit) as e:
+        main(["recipe", "run", "dpo-preference", f"model.name_or_path={tiny_model_dir}", f"data.train={data}",
+              "data.eval=null", f"output_dir={tmp_path / 'out'}"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and reason in err and "data.max_dropped" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_unpaired_labels_and_balance_are_checked(tmp_path, tiny_model_dir, capsys):
+    rows = [{"prompt": f"q{i}", "completion": f"a{i}", "label": "maybe" if i % 5 == 0 else True} for i in range(30)]
+    data = write_jsonl(tmp_path / "fb.jsonl", rows)
+    with pytest.raises(SystemExit) as e:
+        main(["recipe", "run", "kto-feedback", f"model.name_or_path={tiny_model_dir}", f"data.train={data}",
+              "data.eval=null", "data.max_dropped=0.5", f"output_dir={tmp_path / 'out'}"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "kto needs both desirable" in err
+    with pytest.raises(SystemExit) as e:
+        main(["recipe", "run", "kto-feedback", f"model.name_or_path={tiny_model_dir}", f"data.train={data}",
+              "data.eval=null", f"output_dir={tmp_path / 'out'}"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "label is not true or false" in err
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["data.task=sentiment"], "stage 'dpo' trains on 'preference' data"),
+    (["preference.loss=kto"], "'kto' is not a loss of stage 'dpo'"),
+    (["adapter.method=prompt_tuning"], "not supported for stage 'dpo'"),
+    (["preference.beta=0"], "preference.beta"),
+])
+def test_preference_config_errors(capsys, overrides, needle):
+    with pytest.raises(SystemExit) as e:
+        main(["recipe", "run", "dpo-preference", "--dry-run", *overrides])
+    assert e.value.code == 2 and needle in capsys.readouterr().err
+
+
+def test_from_run_must_be_a_run_that_can_continue(tmp_path, tiny_model_dir, capsys):
+    sft = sft_run(tmp_path, tiny_model_dir, "lora")
+    with pytest.raises(SystemExit) as e:  # an sft stage needs whole weights, not an adapter
+        main(["recipe", "run", "lora-sentiment", f"model.from_run={sft}", f"output_dir={tmp_path / 'x'}"])
+    assert e.value.code == 2 and "continue an adapter with a dpo or kto stage" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["recipe", "run", "dpo-preference", f"model.from_run={tmp_path / 'nope'}", f"output_dir={tmp_path / 'y'}"])
+    assert e.value.code == 2 and "does not exist" in capsys.readouterr().err
