@@ -184,6 +184,29 @@ def _tokenizer_of(recipe, start):
     return models.load_tokenizer(recipe.model, str(where or recipe.model.tokenizer or start.source))
 
 
+@app.command("export")
+def export_command(
+    path: str = typer.Argument(..., help="A run's output_dir."),
+    out: str = typer.Option(..., "--out", help="The directory to write: new or empty (or an earlier export, "
+                                               "with --force)."),
+    merge: Optional[bool] = typer.Option(None, "--merge/--no-merge", show_default=False,
+                                         help="Merge the adapter into the weights (default), or export the adapter. "
+                                              "Soft prompts cannot merge: they export the adapter."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | bfloat16 | float16 of the merged weights "
+                                                              "(default: the base model's)."),
+    base: Optional[str] = typer.Option(None, "--base", help="QLoRA: merge into the dequantised 4-bit weights the "
+                                                            "adapter trained against (quantized, default) or into "
+                                                            "the original base (original)."),
+    force: bool = typer.Option(False, "--force", help="Replace an earlier export at --out, and write the export even "
+                                                      "if the parity check fails."),
+) -> None:
+    """Export a run as a standalone model directory (or its adapter), checked against the model as trained:
+    max |Δlogits| and greedy agreement on a fixed batch of the run's data go to export.json."""
+    from adapterkit.export import export
+
+    export(path, out, merge, dtype, base, force, say=typer.echo)
+
+
 def _marked(tokenizer, ids: list[int], labels: list[int], ignore: int) -> str:
     """Decode ids in runs of same supervision, wrapping supervised runs in ⟦ ⟧."""
     out, run, flag = [], [], None

@@ -265,7 +265,10 @@ class Formatter:
     # -- TRL vocabulary -> segments -> token ids -------------------------------------------------
 
     def segments(self, record: dict[str, Any]) -> list[tuple[str, bool]]:
-        """The record as text pieces, each marked supervised (True) or not."""
+        """The record as text pieces, each marked supervised (True) or not. A preference pair reads as
+        its prompt and chosen reply (what evaluation and the export's parity check use)."""
+        if "chosen" in record:
+            record = {"prompt": record["prompt"], "completion": record["chosen"]}
         if "text" in record:
             return [(record["text"], True)]
         if self.spec.mode == "plain":

@@ -353,6 +353,10 @@ def _train(recipe: Recipe, out: Path, dev: Any, start: Start, tokenizer: Any, tr
     for name, p in trainer.model.named_parameters():
         if name in trained_weights:
             p.data = trained_weights[name]
+    for split, rows, data in (("train", train, trainer.train_dataset), ("eval", evaluation_rows, trainer.eval_dataset)):
+        if rows and len(data) < len(rows):
+            say(f"  {split}: {len(rows) - len(data)} of {len(rows)} rows left out: their prompt alone fills "
+                f"data.max_length={recipe.data.max_length} (raise it to keep them)")
     metrics: dict[str, Any] = {"trainable_parameters": trainable, "total_parameters": total}
     pairs, labels, lengths = [], None, []
     if evaluation_rows:
