@@ -487,9 +487,10 @@ def _check(recipe: Recipe, src: RecipeSource) -> list[Problem]:
         if section in src.data.get("adapter", {}) and a.method not in methods:
             bad(f"adapter.{section}", f"is set but adapter.method is '{a.method}'",
                 f"remove adapter.{section}, or set adapter.method to one of: {', '.join(methods)}")
-    if a.prompt.init_text is not None and a.method != "prompt_tuning":
+    # (Under another family's method the whole prompt section is unused, and reported above if it is a mistake.)
+    if a.prompt.init_text is not None and a.method in SOFT_PROMPT_METHODS and a.method != "prompt_tuning":
         bad("adapter.prompt.init_text", f"only prompt_tuning uses it, not '{a.method}'", "remove it")
-    if a.prompt.encoder_hidden_size is not None and a.method != "p_tuning":
+    if a.prompt.encoder_hidden_size is not None and a.method in SOFT_PROMPT_METHODS and a.method != "p_tuning":
         bad("adapter.prompt.encoder_hidden_size", f"only p_tuning uses it, not '{a.method}'", "remove it")
 
     if m.init == "scratch" and a.method != "full":

@@ -386,7 +386,12 @@ def evaluate_path(path: str, data: str | None = None, task: str | None = None, s
                                                                       if recipe is not None else ""),
                                     fix="pass --data FILE (jsonl, json, csv, parquet, or a hub dataset id)"))
         data = recipe.data.eval
-    if trained.spec is not None:
+    preference_run = trained.spec is not None and trained.spec.task in ("preference", "unpaired")
+    if task in ("preference", "unpaired") or (preference_run and task is None):
+        raise DataError(Problem("--task", "preference data is scored when a dpo or kto run ends (its metrics.json "
+                                "and report.md), not by `adapterkit eval`",
+                                fix="evaluate the model on a task's data with --task (e.g. generation, chat)"))
+    if trained.spec is not None and not preference_run:
         if task is not None and task != trained.spec.task:
             raise DataError(Problem("--task", f"'{task}' differs from the task the model was trained on "
                                     f"('{trained.spec.task}')", fix="leave --task out for a run's model"))
@@ -400,6 +405,10 @@ def evaluate_path(path: str, data: str | None = None, task: str | None = None, s
         max_length = min(getattr(trained.model.config, "max_position_embeddings", 2048) or 2048, 4096)
         cfg = DataConfig(task=task, columns=dict(columns or {}), max_length=max_length)
         formatter = Formatter.for_training(cfg, trained.tokenizer, label_set(rows, cfg))
+        if preference_run:  # ask in the template the preference run was trained with
+            formatter.spec.mode, formatter.spec.system_prompt = trained.spec.mode, trained.spec.system_prompt
+            formatter.spec.chat_template = trained.spec.chat_template or formatter.spec.chat_template
+            formatter = Formatter(formatter.spec, trained.tokenizer, columns)
     for field_name in columns or {}:
         if field_name not in formatter.task.fields:
             raise DataError(Problem("--column", f"'{field_name}' is not a field of task '{formatter.task.name}'",

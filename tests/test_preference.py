@@ -196,3 +196,18 @@ def test_from_run_must_be_a_run_that_can_continue(tmp_path, tiny_model_dir, caps
     with pytest.raises(SystemExit) as e:
         main(["recipe", "run", "dpo-preference", f"model.from_run={tmp_path / 'nope'}", f"output_dir={tmp_path / 'y'}"])
     assert e.value.code == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_a_preference_run_is_evaluated_on_a_task_in_its_own_template(tmp_path, tiny_model_dir, capsys):
+    recipe, src = load_recipe("dpo-preference", [f"model.name_or_path={tiny_model_dir}", "train.max_steps=2",
+                                                 "data.eval=null", *QUIET, f"output_dir={tmp_path / 'dpo'}"])
+    out = preference.run(recipe, src, echo=False).out
+    with pytest.raises(SystemExit) as e:
+        main(["eval", str(out), "--data", "sample:generation/eval"])
+    assert e.value.code == 2 and "scored when a dpo or kto run ends" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["eval", str(out), "--task", "generation", "--data", "sample:generation/eval", "--limit", "2",
+              "--max-new-tokens", "2"])
+    assert e.value.code == 0
+    summary = json.loads((out / "eval" / "metrics.json").read_text())
+    assert summary["task"] == "generation" and {"perplexity", "rougeL"} <= set(summary["tuned"])
