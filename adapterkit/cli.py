@@ -6,6 +6,8 @@
     adapterkit recipe run my_recipe.yaml model.name_or_path=Qwen/Qwen2.5-0.5B data.train=reviews.csv
     adapterkit data preview my_recipe.yaml
     adapterkit eval runs/s1 --data test.jsonl
+    adapterkit export runs/s1 --out exported/s1
+    adapterkit plan qlora-qa --gpu-memory 12GiB
 
 Errors in the user's input (AdapterkitError) are printed without a traceback and exit with code 2.
 """
@@ -205,6 +207,32 @@ def export_command(
     from adapterkit.export import export
 
     export(path, out, merge, dtype, base, force, say=typer.echo)
+
+
+@app.command("plan")
+def plan_command(
+    name: str = typer.Argument(..., help="A shipped recipe's name or a YAML path."),
+    overrides: Optional[list[str]] = OVERRIDES,
+    gpu_memory: Optional[str] = typer.Option(None, "--gpu-memory", help="Memory to fit in, e.g. 12GiB, 24GB, "
+                                                                         "12000MiB: says whether the run fits, and if "
+                                                                         "not, the nearest setting that does."),
+    model_config: Optional[str] = typer.Option(None, "--model-config",
+                                               help="Plan this config.json (or the directory holding it) instead of "
+                                                    "the recipe's model, e.g. a hub model without network."),
+    device: str = typer.Option("cuda", "--device", help="cuda (a GPU) or cpu."),
+    as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON (bytes)."),
+) -> None:
+    """Predict a run's peak memory from the model's config alone, before anything is loaded."""
+    from adapterkit.errors import ConfigError, Problem
+    from adapterkit.plan import nearest_fit, parse_memory, plan_recipe, render, to_json
+
+    if device not in ("cuda", "cpu"):
+        raise ConfigError(Problem("--device", f"'{device}' is not a device", fix="use --device cuda or --device cpu"))
+    budget = parse_memory(gpu_memory) if gpu_memory is not None else None
+    _, facts, memory = plan_recipe(name, overrides or [], device, model_config)
+    fit = (nearest_fit(name, overrides or [], facts, budget, device, model_config)
+           if budget and not memory.fits(budget) else None)
+    typer.echo(to_json(memory, budget, fit) if as_json else render(memory, budget, fit, name))
 
 
 def _marked(tokenizer, ids: list[int], labels: list[int], ignore: int) -> str:

@@ -181,6 +181,9 @@ class TrainConfig:
     """Seed for initialisation, dropout and data order."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about 30% more compute."""
+    optimizer: Literal["auto", "adamw", "adamw_8bit", "paged_adamw_8bit"] = "auto"
+    """`adamw` (torch's), or bitsandbytes' 8-bit AdamW (`adamw_8bit`; `paged_adamw_8bit` pages its state
+    to CPU RAM when the GPU is full; both CUDA only). `auto`: paged 8-bit for qlora on a GPU, else adamw."""
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     """Mixed precision. `auto`: bf16 where the GPU or CPU supports it, fp16 on older GPUs, else fp32."""
     log_every: int = 10

@@ -62,6 +62,17 @@ def resolve_precision(precision: str, dev: torch.device, n_params: int | None = 
     return precision
 
 
+# Trainer `optim` names of train.optimizer.
+OPTIM = {"adamw": "adamw_torch_fused", "adamw_8bit": "adamw_bnb_8bit", "paged_adamw_8bit": "paged_adamw_8bit"}
+
+
+def resolve_optimizer(name: str, method: str, dev_type: str) -> str:
+    """`auto` -> paged 8-bit AdamW for QLoRA on a GPU (QLoRA's own recipe), else AdamW."""
+    if name != "auto":
+        return name
+    return "paged_adamw_8bit" if method == "qlora" and dev_type == "cuda" else "adamw"
+
+
 def resolve_dtype(name: str, trains_base: bool, precision: str) -> torch.dtype:
     """`auto`: float32 when the base itself trains (master weights); a frozen base takes the
     precision's half type (bf16/fp16), or float32 when training in fp32."""

@@ -139,3 +139,13 @@ def test_unknown_recipe_name_suggests_the_shipped_one():
     with pytest.raises(ConfigError) as e:
         load_recipe("lora-sentimnt")
     assert "did you mean 'lora-sentiment'" in str(e.value)
+
+
+def test_optimizer_auto_is_paged_8bit_adamw_for_qlora_on_a_gpu_only():
+    from adapterkit.models import OPTIM, resolve_optimizer
+
+    assert resolve_optimizer("auto", "qlora", "cuda") == "paged_adamw_8bit"
+    assert resolve_optimizer("auto", "qlora", "cpu") == "adamw"  # bitsandbytes' 8-bit optimizers need CUDA
+    assert resolve_optimizer("auto", "lora", "cuda") == "adamw"
+    assert resolve_optimizer("adamw_8bit", "full", "cuda") == "adamw_8bit"
+    assert set(OPTIM) == {"adamw", "adamw_8bit", "paged_adamw_8bit"}

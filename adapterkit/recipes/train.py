@@ -131,6 +131,7 @@ def trainer_args(recipe: Recipe, out: Path, precision: str, dev: Any, has_eval: 
         include_num_input_tokens_seen="non_padding",
         max_length=recipe.data.max_length,
         dataset_num_proc=None,
+        optim=models.OPTIM[models.resolve_optimizer(t.optimizer, recipe.adapter.method, dev.type)],
     )
 
 

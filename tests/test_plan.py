@@ -1,0 +1,209 @@
+"""The memory plan: a 7B model planned from its config.json alone, the plan's orderings (QLoRA weighs
+less than LoRA, checkpointing saves activations), the nearest setting that fits, bad input, and one
+prediction checked against a peak measured on a real training run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shlex
+import time
+from pathlib import Path
+
+import pytest
+
+from adapterkit import plan as memory
+from adapterkit.cli import main
+from adapterkit.config import load_recipe
+
+BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "memory_plan.py"
+
+# Llama-2-7B's config.json (the fields that shape it).
+LLAMA_2_7B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+              "intermediate_size": 11008, "num_attention_heads": 32, "num_hidden_layers": 32,
+              "num_key_value_heads": 32, "vocab_size": 32000, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
+              "tie_word_embeddings": False, "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2,
+              "torch_dtype": "float16"}
+LLAMA_2_7B_PARAMETERS = 6_738_415_616
+
+
+def cli(capsys, *args: str) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as e:
+        main(list(args))
+    out, err = capsys.readouterr()
+    return e.value.code, out, err
+
+
+@pytest.fixture(scope="module")
+def llama_7b(tmp_path_factory) -> Path:
+    """A directory holding nothing but Llama-2-7B's config.json: no weights, no tokenizer."""
+    path = tmp_path_factory.mktemp("llama-2-7b") / "config.json"
+    path.write_text(json.dumps(LLAMA_2_7B))
+    return path
+
+
+@pytest.fixture(scope="module")
+def facts_7b(llama_7b) -> memory.ModelFacts:
+    from transformers import AutoConfig
+
+    return memory.ModelFacts.of(AutoConfig.from_pretrained(llama_7b), "llama-2-7b")
+
+
+def plan_7b(facts, *overrides: str, device: str = "cuda") -> memory.MemoryPlan:
+    recipe, _ = load_recipe("lora-sentiment", list(overrides))
+    return memory.plan(recipe, facts, device)
+
+
+def test_a_7b_model_is_planned_from_its_config_json_alone(capsys, llama_7b):
+    start = time.time()
+    code, out, err = cli(capsys, "plan", "lora-sentiment", "--model-config", str(llama_7b), "--gpu-memory", "80GiB",
+                         "--json")
+    assert code == 0, err
+    assert time.time() - start < 120  # built on the meta device: nothing of 13 GB is loaded
+    assert list(llama_7b.parent.iterdir()) == [llama_7b]
+    got = json.loads(out)
+    assert got["parameters"] == LLAMA_2_7B_PARAMETERS
+    assert got["trainable"] == 39_976_960  # LoRA r16 on q, k, v, o, gate, up, down of 32 layers, as peft counts
+    assert got["weights"]["bfloat16 base (frozen)"] == 2 * LLAMA_2_7B_PARAMETERS
+    assert got["fits"] is True and got["total"] < got["budget"] and got["setting"]["precision"] == "bf16"
+    for key in ("gradients", "optimizer_state", "activations", "lm_head", "peak"):
+        assert got[key] > 0, key
+    assert got["total"] == got["peak"] + sum(got["overhead"].values())  # CUDA context and fragmentation, apart
+
+
+def test_the_table_names_every_part_of_the_peak(capsys, llama_7b):
+    code, out, _ = cli(capsys, "plan", "qlora-qa", "--model-config", str(llama_7b))
+    assert code == 0
+    for label in ("weights", "nf4 4-bit base (224 matrices)", "absmax (double-quantised)", "trainable parameters",
+                  "gradients", "optimizer state", "activations", "with gradient checkpointing", "logits and loss",
+                  "peak (tensors)", "CUDA context", "fragmentation", "total"):
+        assert label in out, label
+    assert "fit" not in out  # no --gpu-memory, no verdict
+
+
+def test_qlora_weighs_less_than_lora_and_lora_less_than_full(facts_7b):
+    full, lora, qlora = (plan_7b(facts_7b, f"adapter.method={m}") for m in ("full", "lora", "qlora"))
+    assert qlora.weights_total < lora.weights_total < full.weights_total
+    assert full.weights_total == 4 * LLAMA_2_7B_PARAMETERS  # float32 master weights
+    quantized = 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008)  # every decoder linear; embeddings and head stay
+    assert qlora.weights["nf4 4-bit base (224 matrices)"] == quantized // 2
+    assert qlora.weights["float32 embeddings, head, norms (not 4-bit)"] == 4 * (LLAMA_2_7B_PARAMETERS - quantized)
+    assert lora.trainable == qlora.trainable and lora.gradients == qlora.gradients
+    assert full.optimizer_state == 8 * LLAMA_2_7B_PARAMETERS
+
+
+def test_checkpointing_lowers_activations_and_the_peak(facts_7b):
+    plain = plan_7b(facts_7b, "data.max_length=2048")
+    checkpointed = plan_7b(facts_7b, "data.max_length=2048", "train.gradient_checkpointing=true")
+    assert checkpointed.activations < plain.activations / 10
+    assert checkpointed.activations == plain.activations_checkpointed
+    assert checkpointed.peak < plain.peak
+    longer = plan_7b(facts_7b, "data.max_length=4096")
+    assert longer.activations > 1.9 * plain.activations  # activations grow with the tokens per micro-batch
+
+
+def test_a_run_that_does_not_fit_gets_the_nearest_setting_that_does(capsys, llama_7b):
+    budget = "12GiB"
+    args = ["plan", "lora-sentiment", "data.max_length=1024", "--model-config", str(llama_7b), "--gpu-memory", budget]
+    code, out, _ = cli(capsys, *args)
+    assert code == 0
+    assert "does NOT fit in 12.00 GiB" in out and "nearest that fits" in out
+    code, out, _ = cli(capsys, *args, "--json")
+    got = json.loads(out)
+    assert got["fits"] is False and got["total"] > memory.parse_memory(budget)
+    command = shlex.split(got["suggestion"]["command"])
+    assert command[:4] == ["adapterkit", "recipe", "run", "lora-sentiment"]
+    assert "data.max_length=1024" in command  # the user's own overrides are kept
+    # The proposal is a valid recipe whose own plan fits, and keeps the effective batch.
+    _, _, proposed = memory.plan_recipe("lora-sentiment", command[4:], "cuda", str(llama_7b))
+    assert proposed.fits(memory.parse_memory(budget))
+    assert proposed.setting["batch_size"] * proposed.setting["grad_accum"] == 8
+
+
+def test_8bit_and_paged_optimizers_shrink_what_the_gpu_holds(facts_7b):
+    """`train.optimizer` is read where the config has it (the recipe here is given one by hand)."""
+    from types import SimpleNamespace
+
+    recipe, _ = load_recipe("full-chat", [])
+    plans = {}
+    for name in ("adamw", "adamw_8bit", "paged_adamw_8bit"):
+        recipe.train = SimpleNamespace(**{**vars(recipe.train), "optimizer": name})
+        plans[name] = memory.plan(recipe, facts_7b)
+    assert plans["adamw_8bit"].optimizer_state < plans["adamw"].optimizer_state / 3.5
+    assert plans["paged_adamw_8bit"].optimizer_state == plans["adamw_8bit"].optimizer_state
+    assert plans["paged_adamw_8bit"].peak == plans["adamw_8bit"].peak - plans["adamw_8bit"].optimizer_state
+
+
+def test_nothing_nearby_fits_a_tiny_budget(facts_7b):
+    assert memory.nearest_fit("lora-sentiment", [], facts_7b, memory.parse_memory("1GiB")) is None
+
+
+def test_candidates_go_from_cheap_to_drastic():
+    recipe, _ = load_recipe("full-chat", ["train.batch_size=4", "train.grad_accum=1"])
+    moves = memory.candidates(recipe, "cuda")
+    assert moves[:3] == [{"train.gradient_checkpointing": "true"},
+                         {"train.gradient_checkpointing": "true", "train.batch_size": "2", "train.grad_accum": "2"},
+                         {"train.gradient_checkpointing": "true", "train.batch_size": "1", "train.grad_accum": "4"}]
+    methods = [m.get("adapter.method", "full") for m in moves]
+    assert methods == sorted(methods, key=["full", "lora", "qlora"].index) and methods[-1] == "qlora"
+
+
+@pytest.mark.parametrize("text, expected", [("12GiB", 12 * 2**30), ("12GB", 12 * 10**9), ("12000MiB", 12000 * 2**20),
+                                            ("11.5 gib", int(11.5 * 2**30))])
+def test_memory_sizes_parse(text, expected):
+    assert memory.parse_memory(text) == expected
+
+
+@pytest.mark.parametrize("bad", ["12", "twelve GiB", "12 GiBs", "0GB", "-3GiB"])
+def test_a_bad_gpu_memory_exits_2_with_the_fix(capsys, bad):
+    code, out, err = cli(capsys, "plan", "lora-sentiment", "--gpu-memory", bad)
+    assert code == 2 and out == ""
+    assert f"--gpu-memory: {bad!r} is not an amount of memory" in err and "fix: write a number and a unit" in err
+    assert "Traceback" not in err
+
+
+def test_a_hub_model_that_cannot_be_reached_exits_2_and_names_model_config(capsys):
+    code, _, err = cli(capsys, "plan", "lora-sentiment", "model.name_or_path=nobody-here/no-such-model-7b")
+    assert code == 2 and "Traceback" not in err
+    assert "could not read the config of 'nobody-here/no-such-model-7b'" in err and "--model-config" in err
+
+
+def test_a_missing_model_config_exits_2(capsys, tmp_path):
+    code, _, err = cli(capsys, "plan", "lora-sentiment", "--model-config", str(tmp_path / "nope" / "config.json"))
+    assert code == 2 and "--model-config: could not read a model config from" in err and "Traceback" not in err
+
+
+def test_the_builtin_base_is_planned_without_being_built(capsys, offline_env):
+    cache = sorted((offline_env / "builtin").rglob("*"))
+    code, out, err = cli(capsys, "plan", "lora-sentiment", "--device", "cpu")
+    assert code == 0, err
+    assert "on this CPU" in out and "builtin:tiny" in out
+    assert sorted((offline_env / "builtin").rglob("*")) == cache  # planning never pretrains the built-in base
+
+
+@pytest.mark.parametrize("method, extra", [("full", []), ("lora", []), ("lora", ["adapter.lora.dora=true"]),
+                                           ("prompt_tuning", []), ("prefix_tuning", []), ("p_tuning", [])])
+def test_the_trainable_count_is_what_training_wraps(tiny_model_dir, method, extra):
+    from transformers import AutoModelForCausalLM
+
+    from adapterkit.adapters import METHODS, trainable_parameters
+
+    recipe, _ = load_recipe("lora-sentiment", [f"model.name_or_path={tiny_model_dir}", f"adapter.method={method}",
+                                               *extra])
+    config, name = memory.model_config(recipe)
+    planned = memory.plan(recipe, memory.ModelFacts.of(config, name), "cpu")
+    wrapped = METHODS[method].wrap(AutoModelForCausalLM.from_pretrained(tiny_model_dir), recipe.adapter,
+                                   str(tiny_model_dir), recipe.train)
+    assert planned.trainable == trainable_parameters(wrapped)[0]
+    assert planned.parameters == AutoModelForCausalLM.from_pretrained(tiny_model_dir).num_parameters()
+
+
+def test_the_predicted_peak_matches_a_measured_training_run(tmp_path, tiny_model_dir):
+    """One configuration of benchmarks/memory_plan.py, on the tiny test model (the benchmark has the table)."""
+    spec = importlib.util.spec_from_file_location("memory_plan_benchmark", BENCHMARK)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    got = bench.measure(tiny_model_dir, "lora", 96, 2, [], tmp_path)
+    predicted = bench.predict(tiny_model_dir, "lora", 96, 2, [], tmp_path)
+    assert predicted.weights_total == pytest.approx(got["baseline"], rel=0.01)
+    assert predicted.peak == pytest.approx(got["peak"], rel=0.1)  # the benchmark table: all within 1%
