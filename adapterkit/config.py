@@ -603,6 +603,12 @@ def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
     return dataclasses.asdict(recipe)
 
 
+def saved_recipe(recipe: Recipe) -> dict[str, Any]:
+    """The recipe exactly as the run's recipe.yaml holds it: what resume fingerprints and compares, so
+    a changed key is reported by name rather than lost among sections one side leaves out."""
+    return yaml.safe_load(dump_recipe(recipe))
+
+
 def dump_recipe(recipe: Recipe) -> str:
     """The resolved recipe as YAML that `load_recipe` reads back to the same recipe (the run's
     recipe.yaml): sections the method or init does not use are left out, since they would be errors."""

@@ -137,4 +137,6 @@ def test_packed_sft_trains_and_never_attends_across_examples(tmp_path, tiny_mode
     with torch.no_grad():
         together = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"]).logits[0]
         alone = model(input_ids=torch.tensor([b])).logits[0]
-    assert torch.allclose(together[len(a):], alone, atol=1e-5)
+    # Float rounding differs with the sequence length (sdpa kernels tile differently), up to ~1e-5 on
+    # logits of order 5; attention leaking across the example boundary would move them by far more.
+    assert torch.allclose(together[len(a):], alone, atol=1e-4), (together[len(a):] - alone).abs().max()

@@ -23,7 +23,7 @@ import yaml
 
 from adapterkit import rundir
 from adapterkit.adapters import METHODS
-from adapterkit.config import Recipe, RecipeSource, load_recipe, recipe_to_dict
+from adapterkit.config import Recipe, RecipeSource, load_recipe, saved_recipe
 from adapterkit.errors import ConfigError, Problem, did_you_mean
 
 KEYS = ("description", "pipeline", "output_dir")
@@ -161,4 +161,4 @@ def _completed(out: Path, recipe: Recipe) -> bool:
     if not manifest.is_file():
         return False
     m = json.loads(manifest.read_text())
-    return m.get("status") == "completed" and m.get("fingerprint") == rundir.fingerprint(recipe_to_dict(recipe))
+    return m.get("status") == "completed" and m.get("fingerprint") == rundir.fingerprint(saved_recipe(recipe))

@@ -31,7 +31,7 @@ from adapterkit.config import (
     RecipeSource,
     dump_recipe,
     load_recipe,
-    recipe_to_dict,
+    saved_recipe,
 )
 from adapterkit.data.formatter import DataReport, FormatSpec, Formatter
 from adapterkit.data.loading import RawRow, read_rows
@@ -270,7 +270,7 @@ def run(recipe: Recipe, src: RecipeSource, force: bool = False, echo: bool = Tru
     out = Path(recipe.output_dir)
     data_ids = {"train": _data_files(recipe.data.train, recipe.data.train_split),
                 "eval": _data_files(recipe.data.eval, recipe.data.eval_split)}
-    resolved = recipe_to_dict(recipe)
+    resolved = saved_recipe(recipe)
     checkpoint = rundir.plan_output_dir(out, resolved, data_ids, force, restart, resume_anyway)
     dev = models.device()
     set_seed(recipe.train.seed)

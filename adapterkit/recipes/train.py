@@ -22,7 +22,7 @@ from adapterkit import evaluation as evaluation_mod
 from adapterkit import models, rundir
 from adapterkit.adapters import METHODS, trainable_parameters
 from adapterkit.adapters.lora import quantization_config
-from adapterkit.config import Recipe, RecipeSource, dump_recipe, recipe_to_dict
+from adapterkit.config import Recipe, RecipeSource, dump_recipe, saved_recipe
 from adapterkit.data.formatter import DataReport, Formatter, encode_rows, label_set
 from adapterkit.data.loading import RawRow, read_rows, resolve_sample
 from adapterkit.errors import AdapterkitError, DataError, Problem, TrainingStopped
@@ -327,7 +327,7 @@ def run(recipe: Recipe, src: RecipeSource, force: bool = False, echo: bool = Tru
     out = Path(recipe.output_dir)
     data_ids = {"train": _data_files(recipe.data.train, recipe.data.train_split),
                 "eval": _data_files(recipe.data.eval, recipe.data.eval_split)}
-    resolved = recipe_to_dict(recipe)
+    resolved = saved_recipe(recipe)
     checkpoint = rundir.plan_output_dir(out, resolved, data_ids, force, restart, resume_anyway)
     dev = models.device()
     method = METHODS[recipe.adapter.method]
