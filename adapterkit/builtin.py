@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -20,6 +21,9 @@ from typing import Any
 from adapterkit.errors import ConfigError, Problem
 
 BUILTIN = {"tiny": "pretrain-tiny"}
+# What torchrun (and so `accelerate launch`) tells each process about the process group.
+_PROCESS_GROUP_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                      "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT")
 
 
 def cache_dir() -> Path:
@@ -54,10 +58,23 @@ def builtin_run_dir(name: str, overrides: list[str] | None = None) -> Path:
 
 def ensure_builtin(name: str, overrides: list[str] | None = None) -> Path:
     """The model directory of built-in base `name`, pretraining it first if it is not cached yet."""
+    from adapterkit.models import processes
     from adapterkit.recipes.train import run
 
     recipe, src, final = _builtin_recipe(name, overrides)
     if (final / "model" / "config.json").is_file():
+        return final / "model"
+    procs = processes()
+    if procs.num_processes > 1:
+        # Under `accelerate launch` the main process builds it, in a one-process run of its own, so
+        # the cached model is the same however it was first asked for; the others wait for it.
+        if procs.is_main_process:
+            env = {k: v for k, v in os.environ.items()
+                   if k not in _PROCESS_GROUP_ENV and not k.startswith(("ACCELERATE_", "TORCHELASTIC_"))}
+            build = ("import sys; from adapterkit.builtin import ensure_builtin; "
+                     "ensure_builtin(sys.argv[1], sys.argv[2:])")
+            subprocess.run([sys.executable, "-c", build, name, *(overrides or [])], env=env, check=True)
+        procs.wait_for_everyone()
         return final / "model"
     final.parent.mkdir(parents=True, exist_ok=True)
     print(f"adapterkit: building the built-in base model 'builtin:{name}' (first use only): pretraining it with "

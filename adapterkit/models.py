@@ -28,9 +28,26 @@ SIZES: dict[str, dict[str, int]] = {
 EOS_TOKEN, PAD_TOKEN = "<|endoftext|>", "<|pad|>"
 
 
+def processes() -> Any:
+    """accelerate's `PartialState` of this run: one process, or several under `accelerate launch` or
+    torchrun (DDP, FSDP, DeepSpeed). The first call joins the process group, with the backend the
+    Trainer will use (nccl on GPUs, gloo on CPUs)."""
+    from datetime import timedelta
+
+    from accelerate import PartialState
+
+    if torch.cuda.is_available():
+        return PartialState(timeout=timedelta(seconds=1800))  # the Trainer's ddp_timeout
+    return PartialState(cpu=True)
+
+
 def device() -> torch.device:
-    """The device training runs on: the first CUDA GPU if there is one, else the CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The device training runs on: the CUDA GPU of this process if there is one (the first GPU, or
+    cuda:LOCAL_RANK under `accelerate launch`), else the CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    state = processes()
+    return state.device if state.num_processes > 1 else torch.device("cuda")
 
 
 def bf16_supported(dev: torch.device) -> bool:

@@ -129,15 +129,18 @@ def resolve(pipeline: Pipeline) -> list[tuple[Stage, Recipe, RecipeSource, str |
 
 def run(pipeline: Pipeline, echo: bool = True, **kwargs: Any) -> list[Path]:
     """Run the stages in order; completed stages (same recipe and data) are skipped. Returns the run dirs."""
+    from adapterkit import models
     from adapterkit.recipes import preference, train
 
-    say = print if echo else (lambda *a, **k: None)
+    main = models.processes().is_main_process  # under `accelerate launch` only the main process writes
+    say = print if echo and main else (lambda *a, **k: None)
     stages = resolve(pipeline)
     pipeline.output_dir.mkdir(parents=True, exist_ok=True)
     record = {"pipeline": pipeline.name, "path": str(pipeline.path), "stages": [
         {"name": s.name, "recipe": s.recipe, "output_dir": r.output_dir, "from": prev, "status": "pending"}
         for s, r, _, prev in stages]}
-    rundir.write_json(pipeline.output_dir / "pipeline.json", record)
+    if main:
+        rundir.write_json(pipeline.output_dir / "pipeline.json", record)
     outs = []
     for i, (stage, recipe, src, prev) in enumerate(stages):
         out = Path(recipe.output_dir)
@@ -149,7 +152,8 @@ def run(pipeline: Pipeline, echo: bool = True, **kwargs: Any) -> list[Path]:
             runner = preference.run if recipe.stage in ("dpo", "kto") else train.run
             runner(recipe, src, echo=echo, lineage=lineage, **kwargs)
         record["stages"][i]["status"] = "completed"
-        rundir.write_json(pipeline.output_dir / "pipeline.json", record)
+        if main:
+            rundir.write_json(pipeline.output_dir / "pipeline.json", record)
         outs.append(out)
     return outs
 

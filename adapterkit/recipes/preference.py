@@ -264,6 +264,9 @@ def run(recipe: Recipe, src: RecipeSource, force: bool = False, echo: bool = Tru
 
     from adapterkit.recipes.train import RunResult
 
+    procs = models.processes()  # under `accelerate launch` only the main process prints and writes (see train.run)
+    main = procs.is_main_process
+    echo = echo and main
     say = print if echo else (lambda *a, **k: None)
     datasets.disable_progress_bars()
     hf_logging.disable_progress_bar()
@@ -272,6 +275,7 @@ def run(recipe: Recipe, src: RecipeSource, force: bool = False, echo: bool = Tru
                 "eval": _data_files(recipe.data.eval, recipe.data.eval_split)}
     resolved = saved_recipe(recipe)
     checkpoint = rundir.plan_output_dir(out, resolved, data_ids, force, restart, resume_anyway)
+    procs.wait_for_everyone()  # all processes decide on output_dir before anything is written
     dev = models.device()
     set_seed(recipe.train.seed)
 
@@ -290,17 +294,18 @@ def run(recipe: Recipe, src: RecipeSource, force: bool = False, echo: bool = Tru
             + (", its adapter continues and is the frozen reference)" if start.adapter_dir else ", as the base)"))
 
     lineage = {**(lineage or {}), **({"from_run": str(start.from_run.resolve())} if start.from_run else {})}
-    if checkpoint is not None:
+    if main and checkpoint is not None:
         step = rundir.resume(out, checkpoint)
         say(f"resuming from {checkpoint} (step {step}); recipe and data are unchanged since it was written")
-    else:
+    elif main:
         rundir.start(out, (out / rundir.MANIFEST).is_file(), dump_recipe(recipe), {
             "recipe": src.name, "recipe_path": src.path, "overrides": src.command_line, "stage": recipe.stage,
             "method": start.method.name, "task": recipe.data.task, "seed": recipe.train.seed, "device": str(dev),
-            "precision": precision, "model_source": start.source, "fingerprint": rundir.fingerprint(resolved),
-            "data": data_ids, "lineage": lineage,
+            "processes": procs.num_processes, "precision": precision, "model_source": start.source,
+            "fingerprint": rundir.fingerprint(resolved), "data": data_ids, "lineage": lineage,
         })
         rundir.write_json(out / "data_report.json", [r.to_dict() for r in reports])
+    procs.wait_for_everyone()  # the others read the manifest next
 
     try:
         trainer, metrics = _train(recipe, out, dev, start, tokenizer, train, evaluation_rows, precision, say, echo,
@@ -309,8 +314,11 @@ def run(recipe: Recipe, src: RecipeSource, force: bool = False, echo: bool = Tru
             trainer.model.delete_adapter("ref")  # the reference is the starting adapter, already saved by its run
         save_final(trainer, tokenizer, formatter, out)
     except BaseException as e:
-        rundir.update_manifest(out, status="failed", finished=rundir.now(), error=f"{type(e).__name__}: {e}")
+        if main:
+            rundir.update_manifest(out, status="failed", finished=rundir.now(), error=f"{type(e).__name__}: {e}")
         raise
+    if not main:
+        return RunResult(out, trainer.model, tokenizer, metrics)
     rundir.plot_losses(out)
     if "pref_before" in metrics:
         summary = {"task": recipe.data.task, "n": metrics.pop("pref_n"), "skipped": {},
@@ -369,7 +377,8 @@ def _train(recipe: Recipe, out: Path, dev: Any, start: Start, tokenizer: Any, tr
         else:
             # Before any step the policy is the starting policy, which is also the reference.
             start_logps = score(trainer.model, pairs, tokenizer.pad_token_id, recipe.eval.batch_size, say, "start")
-            rundir.update_manifest(out, metrics={**metrics, "start_logps": start_logps})
+            if trainer.is_world_process_zero():
+                rundir.update_manifest(out, metrics={**metrics, "start_logps": start_logps})
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     metrics.update(train_loss=result.training_loss, steps=result.global_step,
                    runtime_s=round(result.metrics.get("train_runtime", 0.0), 2),

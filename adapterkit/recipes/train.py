@@ -166,6 +166,9 @@ def guarded_trainer_class(base: type | None = None) -> type:
                 super()._save_checkpoint(model, trial)
             finally:
                 self.args.output_dir = real
+            # Under accelerate every process writes into the staging dir (its RNG state; with FSDP or
+            # DeepSpeed its shards): the main process publishes it once all of them are done.
+            self.accelerator.wait_for_everyone()
             if self.args.should_save:
                 rundir.publish_dir(staging / f"checkpoint-{step}", Path(real) / f"checkpoint-{step}")
                 rundir.fsync_dir(Path(real))
@@ -252,7 +255,8 @@ def _train(recipe: Recipe, out: Path, dev: Any, method: Any, source: str | None,
         progress.phase = "before"
         metrics["eval_loss_before"] = trainer.evaluate()["eval_loss"]
         progress.phase = "train"
-        rundir.update_manifest(out, metrics=metrics)
+        if trainer.is_world_process_zero():
+            rundir.update_manifest(out, metrics=metrics)
     if task_eval is not None:
         if "task_before" in previous:
             metrics["task_before"] = previous["task_before"]
@@ -261,7 +265,8 @@ def _train(recipe: Recipe, out: Path, dev: Any, method: Any, source: str | None,
             # The starting model: a LoRA adapter starts as a no-op, but soft prompts start as a change.
             with evaluation_mod.adapter_disabled(trainer.model) as base:
                 metrics["task_before"] = task_eval.run(base, "base")
-            rundir.update_manifest(out, metrics=metrics)
+            if trainer.is_world_process_zero():
+                rundir.update_manifest(out, metrics=metrics)
     # Trainer restores weights, optimizer, scheduler, RNG and data position from the checkpoint into
     # the model wrapped above (once: resuming never wraps an adapter twice).
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
@@ -321,6 +326,11 @@ def run(recipe: Recipe, src: RecipeSource, force: bool = False, echo: bool = Tru
     from transformers import set_seed
     from transformers.utils import logging as hf_logging
 
+    # Under `accelerate launch` every process runs all of this (each trains on its shard of the data);
+    # only the main one prints and writes the run directory.
+    procs = models.processes()
+    main = procs.is_main_process
+    echo = echo and main
     say = print if echo else (lambda *a, **k: None)
     datasets.disable_progress_bars()
     hf_logging.disable_progress_bar()  # the ProgressLog line is the progress display
@@ -329,6 +339,7 @@ def run(recipe: Recipe, src: RecipeSource, force: bool = False, echo: bool = Tru
                 "eval": _data_files(recipe.data.eval, recipe.data.eval_split)}
     resolved = saved_recipe(recipe)
     checkpoint = rundir.plan_output_dir(out, resolved, data_ids, force, restart, resume_anyway)
+    procs.wait_for_everyone()  # all processes decide on output_dir (fresh or resume) before anything is written
     dev = models.device()
     method = METHODS[recipe.adapter.method]
     m = recipe.model
@@ -356,25 +367,29 @@ def run(recipe: Recipe, src: RecipeSource, force: bool = False, echo: bool = Tru
             _describe(recipe.data.eval))
         task_eval = TaskEval(examples, skipped, formatter, recipe.eval, say)
 
-    if checkpoint is not None:
+    if main and checkpoint is not None:
         step = rundir.resume(out, checkpoint)
         say(f"resuming from {checkpoint} (step {step}); recipe and data are unchanged since it was written")
-    else:
+    elif main:
         rundir.start(out, (out / rundir.MANIFEST).is_file(), dump_recipe(recipe), {
             "recipe": src.name, "recipe_path": src.path, "overrides": src.command_line, "stage": recipe.stage,
             "method": method.name, "task": recipe.data.task, "seed": recipe.train.seed, "device": str(dev),
-            "precision": precision, "model_source": source or "scratch", "fingerprint": rundir.fingerprint(resolved),
-            "data": data_ids, "lineage": lineage,
+            "processes": procs.num_processes, "precision": precision, "model_source": source or "scratch",
+            "fingerprint": rundir.fingerprint(resolved), "data": data_ids, "lineage": lineage,
         })
         rundir.write_json(out / "data_report.json", [r.to_dict() for r in reports])
+    procs.wait_for_everyone()  # the others read the manifest next
 
     try:
         trainer, metrics = _train(recipe, out, dev, method, source, config, tokenizer, train, evaluation, precision,
                                   echo, callbacks, checkpoint, task_eval)
         save_final(trainer, tokenizer, formatter, out)
     except BaseException as e:
-        rundir.update_manifest(out, status="failed", finished=rundir.now(), error=f"{type(e).__name__}: {e}")
+        if main:
+            rundir.update_manifest(out, status="failed", finished=rundir.now(), error=f"{type(e).__name__}: {e}")
         raise
+    if not main:
+        return RunResult(out, trainer.model, tokenizer, metrics)
     rundir.plot_losses(out)
     if task_eval is not None:
         summary = task_eval.report(out, f"{src.name}: {method.name} on {recipe.data.task}")
@@ -404,16 +419,40 @@ def _weights_of_run(path: str) -> tuple[str, str]:
     return str(model_dir), str(run_dir.resolve())
 
 
+def _holds_weights(model_dir: Path) -> bool:
+    """Whether a saved model or adapter has any tensor in its safetensors files."""
+    from safetensors import safe_open
+
+    for f in model_dir.glob("*.safetensors"):
+        with safe_open(str(f), "pt") as weights:
+            if len(weights.keys()):
+                return True
+    return False
+
+
 def save_final(trainer: Any, tokenizer: Any, formatter: Formatter, out: Path) -> Path:
     """Write the final model/adapter, tokenizer and format spec to a temp dir, then move it into place."""
+    from accelerate.utils import broadcast_object_list
+
     model = trainer.model
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     base.generation_config.eos_token_id = tokenizer.eos_token_id
     base.generation_config.pad_token_id = tokenizer.pad_token_id
-    tmp = rundir.make_temp_dir(out, ".model.")
+    main = trainer.is_world_process_zero()
+    # One temp dir, made by the main process: with FSDP or DeepSpeed every process saves into it.
+    tmp = broadcast_object_list([rundir.make_temp_dir(out, ".model.") if main else None])[0]
+    if trainer.is_fsdp_enabled:  # gather the weights into one file, not one shard per process (as peft does)
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     try:
         trainer.save_model(str(tmp))
-        if trainer.is_world_process_zero():
+        trainer.accelerator.wait_for_everyone()
+        if main and not _holds_weights(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise AdapterkitError(Problem(str(out / "model"), "the trainer saved no weights (DeepSpeed ZeRO-3 keeps "
+                                          "them sharded unless told to gather them)",
+                                          fix="set zero3_save_16bit_model: true in the accelerate config, then "
+                                              "re-run the same command: it resumes from the last checkpoint"))
+        if main:
             (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; the run keeps recipe.yaml instead
             tokenizer.save_pretrained(tmp)
             base.generation_config.save_pretrained(tmp)
