@@ -146,6 +146,10 @@ class DataConfig:
     """Longest example in tokens; longer ones are cut at the end (and dropped if nothing supervised is left)."""
     packing: bool = False
     """Pack several examples into each sequence (no padding; attention does not cross examples)."""
+    group_by_length: bool = True
+    """Batch examples of similar length together (batches are drawn at random from groups of 50
+    sorted by length; the longest batch comes first, so a run that runs out of memory does so at
+    once): little of each batch is padding. Off: plain random order. Unused with packing."""
     train_on_prompt: bool = False
     """Also compute the loss on prompt tokens, not only on the completion."""
     system_prompt: str | None = None

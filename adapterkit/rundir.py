@@ -230,11 +230,15 @@ def _duration(seconds: float) -> str:
 
 
 class ProgressLog(TrainerCallback):
-    """Prints one line per logging step (step, loss, lr, tokens/s, ETA) and appends it to train_log.jsonl."""
+    """Prints one line per logging step (step, loss, lr, tokens/s, MFU, ETA) and appends it to
+    train_log.jsonl. Tokens are non-padding tokens, summed over processes; MFU (see perf.py) is shown
+    when the FLOPs a token costs and the device's peak (per process) are given."""
 
-    def __init__(self, run_dir: Path, echo: bool = True):
+    def __init__(self, run_dir: Path, echo: bool = True, flops_per_token: float | None = None,
+                 peak_flops: float | None = None, processes: int = 1):
         self.path = run_dir / "train_log.jsonl"
         self.echo = echo
+        self.flops_per_token, self.peak_flops, self.processes = flops_per_token, peak_flops, processes
         self.t0 = self.t_last = time.perf_counter()
         self.tokens_last = 0
         self.phase = "train"
@@ -257,11 +261,16 @@ class ProgressLog(TrainerCallback):
             self.t_last, self.tokens_last = t, tokens
             row.update(loss=logs["loss"], lr=logs.get("learning_rate"), grad_norm=logs.get("grad_norm"),
                        tokens=tokens, tokens_per_s=round(rate, 1))
+            mfu = ""
+            if self.flops_per_token and self.peak_flops:
+                row["mfu"] = round(rate * self.flops_per_token / (self.peak_flops * self.processes), 4)
+                mfu = f" | MFU {row['mfu']:.1%}"
             done = state.global_step / max(state.max_steps, 1)
             eta = (t - self.t0) / done * (1 - done) if done > 0 else 0.0
             lr = logs.get("learning_rate")
             line = (f"train step {state.global_step:>5}/{state.max_steps} | loss {logs['loss']:.4f} | "
-                    f"lr {lr if lr is not None else float('nan'):.2e} | {rate:,.0f} tok/s | eta {_duration(eta)}")
+                    f"lr {lr if lr is not None else float('nan'):.2e} | {rate:,.0f} tok/s{mfu} | "
+                    f"eta {_duration(eta)}")
         else:
             return
         with open(self.path, "a", encoding="utf-8") as f:

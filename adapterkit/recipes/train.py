@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from adapterkit import evaluation as evaluation_mod
-from adapterkit import models, rundir
+from adapterkit import models, perf, rundir
 from adapterkit.adapters import METHODS, trainable_parameters
 from adapterkit.adapters.lora import quantization_config
 from adapterkit.config import Recipe, RecipeSource, dump_recipe, saved_recipe
@@ -144,6 +144,10 @@ def _sft_config(recipe: Recipe, out: Path, precision: str, dev: Any, has_eval: b
         # Pretraining concatenates documents (EOS between them) and cuts the stream into blocks; SFT
         # packs whole examples best-fit, padding-free, so attention never crosses two examples.
         packing_strategy="wrapped" if recipe.stage == "pretrain" else "bfd",
+        # trl pads each batch to its longest example: on mixed lengths (short labels beside long
+        # contexts) most of a random batch is padding. Grouping by length removes most of it.
+        train_sampling_strategy="group_by_length" if recipe.data.group_by_length and not recipe.data.packing
+        else "random",
     )
 
 
@@ -201,6 +205,14 @@ def guarded_trainer_class(base: type | None = None) -> type:
     return GuardedTrainer
 
 
+def _context(recipe: Recipe, rows: list[dict]) -> float:
+    """Mean number of positions a training token attends to (causal: a token at position i sees i)."""
+    if recipe.stage == "pretrain" and recipe.data.packing:  # every block is max_length long
+        return (recipe.data.max_length + 1) / 2
+    lengths = [min(len(r["input_ids"]), recipe.data.max_length) for r in rows] or [1]
+    return sum(n * (n + 1) / 2 for n in lengths) / max(sum(lengths), 1)
+
+
 def _train(recipe: Recipe, out: Path, dev: Any, method: Any, source: str | None, config: Any, tokenizer: Any,
            train: list[dict], evaluation: list[dict] | None, precision: str, echo: bool,
            callbacks: list[Any] | None, checkpoint: Path | None, task_eval: TaskEval | None = None
@@ -231,7 +243,9 @@ def _train(recipe: Recipe, out: Path, dev: Any, method: Any, source: str | None,
         f"{dev.type}, {precision}")
 
     args = _sft_config(recipe, out, precision, dev, evaluation is not None)
-    progress = rundir.ProgressLog(out, echo=echo)
+    progress = rundir.ProgressLog(out, echo=echo, flops_per_token=perf.flops_per_token(model, _context(recipe, train)),
+                                  peak_flops=perf.matmul_peak(dev, perf.compute_dtype(precision)),
+                                  processes=args.world_size)
     trainer = guarded_trainer_class()(
         model=model,
         args=args,
