@@ -132,6 +132,9 @@ def trainer_args(recipe: Recipe, out: Path, precision: str, dev: Any, has_eval: 
         max_length=recipe.data.max_length,
         dataset_num_proc=None,
         optim=models.OPTIM[models.resolve_optimizer(t.optimizer, recipe.adapter.method, dev.type)],
+        # Every trainable weight (adapter, soft prompt or full model) gets a gradient each step, so DDP
+        # need not search the graph for unused ones (its default when checkpointing is off).
+        ddp_find_unused_parameters=False,
     )
 
 
