@@ -229,7 +229,7 @@ def plan_command(
     if device not in ("cuda", "cpu"):
         raise ConfigError(Problem("--device", f"'{device}' is not a device", fix="use --device cuda or --device cpu"))
     budget = parse_memory(gpu_memory) if gpu_memory is not None else None
-    _, facts, memory = plan_recipe(name, overrides or [], device, model_config)
+    _, facts, memory = plan_recipe(name, overrides or [], device, model_config, budget)
     fit = (nearest_fit(name, overrides or [], facts, budget, device, model_config)
            if budget and not memory.fits(budget) else None)
     typer.echo(to_json(memory, budget, fit) if as_json else render(memory, budget, fit, name))

@@ -144,12 +144,13 @@ class DataConfig:
     """Map from the task's field names to your column names, e.g. `{text: review, label: stars}`."""
     max_length: int = 512
     """Longest example in tokens; longer ones are cut at the end (and dropped if nothing supervised is left)."""
-    packing: bool = False
-    """Pack several examples into each sequence (no padding; attention does not cross examples)."""
+    packing: bool | Literal["auto"] = "auto"
+    """Pack several examples into each sequence of up to max_length tokens: no padding, and attention
+    never crosses two examples. `auto`: on, except for soft prompts (which cannot pack)."""
     group_by_length: bool = True
-    """Batch examples of similar length together (batches are drawn at random from groups of 50
-    sorted by length; the longest batch comes first, so a run that runs out of memory does so at
-    once): little of each batch is padding. Off: plain random order. Unused with packing."""
+    """Without packing: batch examples of similar length together (batches are drawn at random from
+    groups of 50 sorted by length; the longest batch comes first, so a run that runs out of memory
+    does so at once), so little of each batch is padding. Off: plain random order."""
     train_on_prompt: bool = False
     """Also compute the loss on prompt tokens, not only on the completion."""
     system_prompt: str | None = None
@@ -183,8 +184,10 @@ class TrainConfig:
     """Gradient clipping norm."""
     seed: int = 42
     """Seed for initialisation, dropout and data order."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass: less memory, about 30% more compute."""
+    gradient_checkpointing: bool | Literal["auto"] = "auto"
+    """Recompute activations in the backward pass: less memory, about 30% more compute. `auto`: on
+    only when the memory plan (`adapterkit plan`) says the run would not fit in the device's free
+    memory without it."""
     optimizer: Literal["auto", "adamw", "adamw_8bit", "paged_adamw_8bit"] = "auto"
     """`adamw` (torch's), or bitsandbytes' 8-bit AdamW (`adamw_8bit`; `paged_adamw_8bit` pages its state
     to CPU RAM when the GPU is full; both CUDA only). `auto`: paged 8-bit for qlora on a GPU, else adamw."""
@@ -335,6 +338,13 @@ def apply_overrides(source: RecipeSource, overrides: list[str]) -> None:
         source.command_line.append(item)
     if problems:
         raise ConfigError(problems)
+
+
+def packs(recipe: Recipe) -> bool:
+    """Whether the run packs its examples (`data.packing`, with `auto` decided)."""
+    if recipe.data.packing == "auto":
+        return recipe.adapter.method not in SOFT_PROMPT_METHODS and recipe.stage in ("pretrain", "sft")
+    return bool(recipe.data.packing)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -535,10 +545,10 @@ def _check(recipe: Recipe, src: RecipeSource) -> list[Problem]:
             "remove model.name_or_path (or model.from_run)")
     if m.from_run is not None and m.init == "scratch":
         bad("model.from_run", "cannot be combined with model.init: scratch", "remove one of them")
-    if d.packing and a.method in SOFT_PROMPT_METHODS:
+    if d.packing is True and a.method in SOFT_PROMPT_METHODS:
         bad("data.packing", f"packing cannot be combined with '{a.method}': virtual tokens are prepended to each "
             "sequence, so packed examples would share one prompt", "set data.packing=false")
-    if a.method == "prefix_tuning" and t.gradient_checkpointing:
+    if a.method == "prefix_tuning" and t.gradient_checkpointing is True:
         bad("train.gradient_checkpointing", "prefix_tuning fails with gradient checkpointing (the attention mask "
             "is not extended by the virtual tokens)", "set train.gradient_checkpointing=false")
     if m.init == "pretrained" and "model.architecture" in src.where:

@@ -35,7 +35,7 @@ import torch
 
 from adapterkit import models
 from adapterkit.adapters import METHODS
-from adapterkit.config import Recipe, load_recipe
+from adapterkit.config import Recipe, load_recipe, packs
 from adapterkit.errors import AdapterkitError, ConfigError, Problem
 
 KiB, MiB, GiB = 1024, 1024**2, 1024**3
@@ -380,8 +380,8 @@ def _dtype_bytes(dtype: torch.dtype) -> int:
 def plan(recipe: Recipe, facts: ModelFacts, device: str = "cuda", padded: bool | None = None) -> MemoryPlan:
     """The memory plan of `recipe` on a `cuda` GPU or the `cpu`, from the model's facts alone.
 
-    `padded`: whether micro-batches hold padding (then attention takes a mask); by default they do
-    unless the recipe packs its data."""
+    `padded`: whether attention takes a mask (padding, or packed examples kept apart); by default it
+    does unless the recipe pretrains on wrapped blocks."""
     a, t, arch = recipe.adapter, recipe.train, facts.arch
     method = METHODS[a.method]
     if device == "cuda":
@@ -438,14 +438,18 @@ def plan(recipe: Recipe, facts: ModelFacts, device: str = "cuda", padded: bool |
         optimizer_state = int(sum(n * (8 if n < BNB_MIN_8BIT else opt.state_bytes) for n in train.tensors))
 
     # Activations saved for backward, per token.
-    padded = not recipe.data.packing if padded is None else padded
+    if padded is None:
+        # A mask reaches attention unless every row is one full sequence: pretraining's wrapped blocks.
+        # Packed SFT rows carry a block mask that keeps their examples apart (transformers builds it
+        # from the position ids), which costs attention what a padding mask does.
+        padded = not (packs(recipe) and recipe.stage == "pretrain")
     per_layer = _layer_activations(arch, d, full, seq, padded)
     adapter_terms = _adapter_activations(train, d, a, device)  # all layers together
     outside = _outside_layers(arch, d, full)
     mask_once = seqs * seq * seq if padded else 0  # transformers' bool (batch, 1, seq, seq) mask, shared
     saved_plain = tokens * (arch.layers * per_layer + adapter_terms + outside) + mask_once
     saved_ckpt = tokens * (arch.layers * d.stream * arch.hidden + outside) + mask_once
-    checkpointing = t.gradient_checkpointing and a.method != "prefix_tuning"
+    checkpointing = t.gradient_checkpointing is True and a.method != "prefix_tuning"
     activations = saved_ckpt if checkpointing else saved_plain
 
     # The largest transient on top of the saved activations.
@@ -498,8 +502,8 @@ def plan(recipe: Recipe, facts: ModelFacts, device: str = "cuda", padded: bool |
         overhead = {"CUDA context": CUDA_CONTEXT, "allocator fragmentation (10%)": int(peak * FRAGMENTATION)}
     if device == "cuda" and t.precision == "auto":
         notes.append("precision auto is planned as bf16 (Ampere or newer); set train.precision=fp16 for older GPUs")
-    if recipe.data.packing:
-        notes.append("data.packing: planned as full sequences without padding (packed attention masks not counted)")
+    if packs(recipe):
+        notes.append("data.packing: planned as micro-batches of full max_length rows")
 
     setting = dict(model=arch.name, method=a.method, device=device, precision=precision,
                    batch_size=t.batch_size, seq_len=seq, grad_accum=t.grad_accum,
@@ -615,6 +619,7 @@ def candidates(recipe: Recipe, device: str) -> list[dict[str, str]]:
     if device == "cuda" and current == "adamw":
         optimizers += ["adamw_8bit", "paged_adamw_8bit"]
     can_checkpoint = a.method != "prefix_tuning"
+    t = dataclasses.replace(t, gradient_checkpointing=t.gradient_checkpointing is True)  # auto plans as off
     out = []
     for method in methods:
         for opt in optimizers:
@@ -661,6 +666,58 @@ def nearest_fit(name: str, overrides: list[str], facts: ModelFacts, budget: int,
             command = "adapterkit recipe run " + " ".join(shlex.quote(x) for x in [name, *new])
             return Suggestion(moves, command, p, note)
     return None
+
+
+# ---------------------------------------------------------------------------------------------
+# train.gradient_checkpointing: auto
+
+# What a CPU training process holds beyond the planned tensors (mostly glibc's heap keeping the holes
+# freed activations leave), as a share of the tensor peak. Measured with benchmarks/throughput.py at
+# 100M parameters, 8 x 512 tokens, without checkpointing: peak resident memory 1.51x (LoRA) and 1.62x
+# (QLoRA) the planned tensor peak.
+CPU_SLACK = 0.6
+
+
+def with_checkpointing(recipe: Recipe, on: bool) -> Recipe:
+    return dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, gradient_checkpointing=on))
+
+
+def auto_checkpointing(recipe: Recipe, facts: ModelFacts, device: str, budget: int) -> tuple[bool, str]:
+    """Whether `train.gradient_checkpointing: auto` turns checkpointing on, given `budget` bytes of free
+    memory: only when the plan without it does not fit (and the method can checkpoint). The reason
+    comes second, for the log."""
+    if recipe.adapter.method == "prefix_tuning":
+        return False, "off (prefix tuning cannot checkpoint)"
+    slack = 1 + (CPU_SLACK if device == "cpu" else 0)
+    without = int(plan(with_checkpointing(recipe, False), facts, device).total * slack)
+    if without <= budget:
+        return False, f"off (the run needs about {human(without)} without it; {human(budget)} is free)"
+    with_ = int(plan(with_checkpointing(recipe, True), facts, device).total * slack)
+    verdict = "" if with_ <= budget else "; it may still not fit: `adapterkit plan --gpu-memory` proposes what does"
+    return True, (f"on (the run needs about {human(without)} without it and {human(with_)} with it; "
+                  f"{human(budget)} is free{verdict})")
+
+
+def free_memory(dev: torch.device, processes: int = 1) -> int:
+    """Bytes this process can use: the GPU's free memory, or its share of the machine's available RAM
+    (`processes` training processes share it)."""
+    if dev.type == "cuda":
+        return torch.cuda.mem_get_info(dev)[0]
+    import psutil
+
+    return psutil.virtual_memory().available // max(processes, 1)
+
+
+def resolve_checkpointing(recipe: Recipe, config: Any, model_name: str, dev: torch.device,
+                          processes: int = 1) -> tuple[Recipe, str]:
+    """The recipe with `train.gradient_checkpointing: auto` decided for this device (unchanged when it
+    is true or false), and the reason ("" when it was not auto)."""
+    if recipe.train.gradient_checkpointing != "auto":
+        return recipe, ""
+    budget = free_memory(dev, processes)
+    facts = ModelFacts.of(config, model_name, recipe.model.trust_remote_code)
+    on, why = auto_checkpointing(recipe, facts, "cuda" if dev.type == "cuda" else "cpu", budget)
+    return with_checkpointing(recipe, on), why
 
 
 # ---------------------------------------------------------------------------------------------
@@ -738,11 +795,23 @@ def to_json(p: MemoryPlan, budget: int | None = None, suggestion: Suggestion | N
     return json.dumps(out, indent=2)
 
 
-def plan_recipe(name: str, overrides: list[str], device: str = "cuda", config_path: str | None = None
-                ) -> tuple[Recipe, ModelFacts, MemoryPlan]:
-    """Load and validate a recipe, read its model's config, and plan it."""
+def plan_recipe(name: str, overrides: list[str], device: str = "cuda", config_path: str | None = None,
+                budget: int | None = None) -> tuple[Recipe, ModelFacts, MemoryPlan]:
+    """Load and validate a recipe, read its model's config, and plan it. `train.gradient_checkpointing:
+    auto` is decided as a run would decide it with `budget` bytes free (off without a budget)."""
     recipe, _ = load_recipe(name, overrides)
     config, model_name = model_config(recipe, config_path)
     facts = ModelFacts.of(config, model_name, recipe.model.trust_remote_code)
-    return recipe, facts, plan(recipe, facts, device)
-
+    note = ""
+    if recipe.train.gradient_checkpointing == "auto":
+        if budget is None:
+            on, note = False, ("gradient checkpointing auto: planned off; a run turns it on when the device's free "
+                               "memory is too small without it (--gpu-memory shows its choice)")
+        else:
+            on, why = auto_checkpointing(recipe, facts, device, budget)
+            note = f"gradient checkpointing auto: {why}"
+        recipe = with_checkpointing(recipe, on)
+    memory = plan(recipe, facts, device)
+    if note:
+        memory.notes.insert(0, note)
+    return recipe, facts, memory

@@ -154,7 +154,8 @@ def write_data(path: Path, seq: int, batch: int, accum: int = 1) -> Path:
 def overrides_for(model_dir: Path, data: Path, method: str, seq: int, batch: int, extra: list[str], out: Path
                   ) -> list[str]:
     return [f"model.name_or_path={model_dir}", f"adapter.method={method}", "data.task=generation",
-            f"data.train={data}", "data.eval=null", f"data.max_length={seq}", f"train.batch_size={batch}",
+            f"data.train={data}", "data.eval=null", "data.packing=false", f"data.max_length={seq}",
+            f"train.batch_size={batch}",
             "train.max_steps=2", "train.save_every=null", "train.log_every=1", f"output_dir={out}", *extra]
 
 

@@ -4,15 +4,16 @@ can memorise, and the saved model or adapter, reloaded, gives the same logits.""
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
 import torch
+from conftest import write_jsonl
 from transformers import TrainerCallback
 
 from adapterkit.config import load_recipe
 from adapterkit.recipes.train import run
-from conftest import write_jsonl
 
 # (id, method, extra overrides, learning rate, what must be trainable)
 TABLE = [
@@ -115,28 +116,56 @@ def test_qlora_base_is_really_4bit_and_trains(tmp_path, tiny_model_dir):
         assert not layer.weight.requires_grad
 
 
-def test_packed_sft_trains_and_never_attends_across_examples(tmp_path, tiny_model_dir):
-    """With packing, each sequence holds several examples; position ids restart at each one, so the
-    logits of a packed example equal its logits alone."""
-    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+class Batches(TrainerCallback):
+    """The keyword arguments of every training forward (a pre-hook on the model)."""
 
+    def __init__(self):
+        self.seen = []
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        def hook(module, a, kw):
+            if torch.is_grad_enabled():
+                self.seen.append({k: v.clone() for k, v in kw.items() if torch.is_tensor(v)})
+        self.handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.handle.remove()
+
+
+def test_packed_sft_trains_and_never_attends_across_examples(tmp_path, tiny_model_dir):
+    """With packing, each row holds several examples; position ids restart at each one, so the
+    logits of a packed example equal its logits alone. Rows stay rows (sdpa would otherwise attend
+    over the whole batch as one sequence under a block mask)."""
     data = write_jsonl(tmp_path / "memo.jsonl", MEMO)
+    batches = Batches()
     recipe, src = load_recipe("lora-sentiment", [
         f"model.name_or_path={tiny_model_dir}", f"data.train={data}", "data.eval=null", "data.packing=true",
-        "train.max_steps=20", "train.lr=1e-2", "train.schedule=constant", "train.log_every=1",
-        "train.save_every=null", "train.precision=fp32", "adapter.lora.dropout=0", f"output_dir={tmp_path / 'run'}",
+        "data.max_length=128", "train.batch_size=2", "train.max_steps=20", "train.lr=1e-2",
+        "train.schedule=constant", "train.log_every=1", "train.save_every=null", "train.precision=fp32",
+        "adapter.lora.dropout=0", f"output_dir={tmp_path / 'run'}",
     ])
-    result = run(recipe, src, echo=False)
+    result = run(recipe, src, echo=False, callbacks=[batches])
     losses = [json.loads(line)["loss"] for line in (result.out / "train_log.jsonl").read_text().splitlines()
               if '"loss"' in line]
     assert losses[-1] < 0.5 * losses[0], losses
-    tok, model = result.tokenizer, result.model.eval()
-    a, b = (tok(t, add_special_tokens=False).input_ids for t in ("the film was great", "a dull movie"))
-    packed = DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id, padding_free=True)(
-        [{"input_ids": a}, {"input_ids": b}])
+    # What the trainer fed the model: rows of at most max_length, several examples in a row, no mask.
+    first = batches.seen[0]
+    assert "attention_mask" not in first and first["input_ids"].shape[0] == 2, {k: v.shape for k, v in first.items()}
+    assert first["input_ids"].shape[1] <= 128
+    starts = (first["position_ids"] == 0) & (first["input_ids"] != result.tokenizer.pad_token_id)
+    assert starts.sum(-1).max() > 1  # a row holds more than one example
+
+    # The same batch, example by example: every packed example's logits equal its logits alone.
+    model = result.model.eval()
     with torch.no_grad():
-        together = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"]).logits[0]
-        alone = model(input_ids=torch.tensor([b])).logits[0]
-    # Float rounding differs with the sequence length (sdpa kernels tile differently), up to ~1e-5 on
-    # logits of order 5; attention leaking across the example boundary would move them by far more.
-    assert torch.allclose(together[len(a):], alone, atol=1e-4), (together[len(a):] - alone).abs().max()
+        packed = model(input_ids=first["input_ids"], position_ids=first["position_ids"]).logits
+        for row in range(2):
+            ids, pos = first["input_ids"][row], first["position_ids"][row]
+            begins = [i for i in range(len(ids)) if pos[i] == 0] + [len(ids)]
+            for b, e in itertools.pairwise(begins):
+                if ids[b] == result.tokenizer.pad_token_id:
+                    continue  # the row's padded tail
+                alone = model(input_ids=ids[b:e][None]).logits[0]
+                # Float rounding differs with the sequence length (sdpa kernels tile differently), up
+                # to ~1e-5 on logits of order 5; attention leaking across examples moves them far more.
+                assert torch.allclose(packed[row, b:e], alone, atol=1e-4), (packed[row, b:e] - alone).abs().max()

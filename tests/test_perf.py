@@ -43,39 +43,53 @@ def test_matmul_peak_is_measured_and_mfu_is_its_share():
 
 
 class PaddingMeter(TrainerCallback):
-    """Counts the tokens and the padding the model is fed during training."""
+    """Counts the tokens and the padding the model is fed during training (packed rows carry no mask:
+    their padding is the pad token at the end of a row)."""
 
-    def __init__(self):
-        self.useful = self.total = 0
+    def __init__(self, pad_token_id):
+        self.pad_token_id = pad_token_id
+        self.useful = self.total = self.examples = 0
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         def count(module, a, kw):
-            if torch.is_grad_enabled() and kw.get("attention_mask") is not None:
-                self.useful += int(kw["attention_mask"].sum())
-                self.total += kw["attention_mask"].numel()
+            if not torch.is_grad_enabled():
+                return
+            ids, mask, positions = kw["input_ids"], kw.get("attention_mask"), kw.get("position_ids")
+            real = mask.bool() if mask is not None else ids != self.pad_token_id
+            self.useful += int(real.sum())
+            self.total += ids.numel()
+            # Examples fed: one per row when padded, one per position-0 token when packed.
+            self.examples += ids.shape[0] if positions is None else int(((positions == 0) & real).sum())
         model.register_forward_pre_hook(count, with_kwargs=True)
 
 
-def test_length_grouping_removes_most_padding_and_logs_mfu(tmp_path, tiny_model_dir):
+def test_packing_and_length_grouping_remove_most_padding_and_log_mfu(tmp_path, tiny_model_dir):
+    from transformers import AutoTokenizer
+
     # Short and long rows mixed at random, as real data mixes short labels and long contexts.
     rng = random.Random(0)
     words = "the film was good bad dull bright long short story acting plot music".split()
     rows = [{"text": " ".join(rng.choice(words) for _ in range(rng.choice([3, 4, 30, 40]))),
              "label": rng.choice(["positive", "negative"])} for _ in range(96)]
     data = write_jsonl(tmp_path / "mixed.jsonl", rows)
-    padding = {}
-    for grouped in (False, True):
-        out = tmp_path / f"run-{grouped}"
+    pad = AutoTokenizer.from_pretrained(tiny_model_dir).pad_token_id
+    padding, examples = {}, {}
+    for name, settings in [("random", ["data.packing=false", "data.group_by_length=false"]),
+                           ("grouped", ["data.packing=false"]), ("packed", [])]:  # packing: the default
+        out = tmp_path / f"run-{name}"
         recipe, src = load_recipe("lora-sentiment", [
             f"model.name_or_path={tiny_model_dir}", f"data.train={data}", "data.eval=null", "data.max_length=256",
-            f"data.group_by_length={str(grouped).lower()}", "train.batch_size=4", "train.epochs=1",
-            "train.max_steps=null", "train.save_every=null", "train.log_every=4", f"output_dir={out}"])
-        meter = PaddingMeter()
+            "train.batch_size=4", "train.epochs=1", "train.max_steps=null", "train.save_every=null",
+            "train.log_every=1", f"output_dir={out}", *settings])
+        meter = PaddingMeter(pad)
         run(recipe, src, echo=False, callbacks=[meter])
-        padding[grouped] = 1 - meter.useful / meter.total
+        padding[name], examples[name] = 1 - meter.useful / meter.total, meter.examples
         log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
         steps = [r for r in log if "loss" in r]
         assert steps and all(0 < r["mfu"] < 1 and r["tokens_per_s"] > 0 for r in steps)
     # Random batches of 4 from a 50/50 mix of short and long rows (with the prompt template, ~35 and ~100
-    # tokens) are about a quarter padding (28% measured); grouped ones about 5%.
-    assert padding[False] > 0.2 and padding[True] < padding[False] / 3, padding
+    # tokens) are about a quarter padding (28% measured); grouped ones about 5%, and packed rows about 6%
+    # (the space best-fit leaves at the end of a row). Grouping needs many rows to group; packing does not.
+    assert padding["random"] > 0.2, padding
+    assert padding["grouped"] < padding["random"] / 3 and padding["packed"] < padding["random"] / 3, padding
+    assert examples == {"random": 96, "grouped": 96, "packed": 96}  # every row read once, whatever the batching

@@ -117,7 +117,8 @@ def test_a_run_that_does_not_fit_gets_the_nearest_setting_that_does(capsys, llam
     # The proposal is a valid recipe whose own plan fits, and keeps the effective batch.
     _, _, proposed = memory.plan_recipe("lora-sentiment", command[4:], "cuda", str(llama_7b))
     assert proposed.fits(memory.parse_memory(budget))
-    assert proposed.setting["batch_size"] * proposed.setting["grad_accum"] == 8
+    asked = load_recipe("lora-sentiment", [])[0].train
+    assert proposed.setting["batch_size"] * proposed.setting["grad_accum"] == asked.batch_size * asked.grad_accum
 
 
 def test_8bit_and_paged_optimizers_shrink_what_the_gpu_holds(facts_7b):
@@ -207,3 +208,51 @@ def test_the_predicted_peak_matches_a_measured_training_run(tmp_path, tiny_model
     predicted = bench.predict(tiny_model_dir, "lora", 96, 2, [], tmp_path)
     assert predicted.weights_total == pytest.approx(got["baseline"], rel=0.01)
     assert predicted.peak == pytest.approx(got["peak"], rel=0.1)  # the benchmark table: all within 1%
+
+
+def test_auto_checkpointing_turns_on_only_when_the_run_would_not_fit(facts_7b):
+    recipe, _ = load_recipe("lora-sentiment", ["data.max_length=1024"])
+    assert recipe.train.gradient_checkpointing == "auto"  # the default
+    off = memory.plan(memory.with_checkpointing(recipe, False), facts_7b, "cuda").total
+    on = memory.plan(memory.with_checkpointing(recipe, True), facts_7b, "cuda").total
+    assert on < off
+    assert memory.auto_checkpointing(recipe, facts_7b, "cuda", off)[0] is False
+    decided, why = memory.auto_checkpointing(recipe, facts_7b, "cuda", off - 1)
+    assert decided is True and "may still not fit" not in why
+    decided, why = memory.auto_checkpointing(recipe, facts_7b, "cuda", on - 1)
+    assert decided is True and "may still not fit" in why  # on is the best it can do; the plan says more
+    # A CPU process holds more than its tensors: the same budget that fits a GPU run is short on a CPU.
+    cpu_off = memory.plan(memory.with_checkpointing(recipe, False), facts_7b, "cpu").total
+    assert memory.auto_checkpointing(recipe, facts_7b, "cpu", cpu_off)[0] is True
+    prefix, _ = load_recipe("lora-sentiment", ["adapter.method=prefix_tuning"])
+    assert memory.auto_checkpointing(prefix, facts_7b, "cuda", 1)[0] is False  # prefix tuning cannot checkpoint
+
+
+def test_plan_decides_auto_for_the_gpu_memory_given(capsys, llama_7b):
+    args = ["plan", "lora-sentiment", "data.max_length=1024", "--model-config", str(llama_7b)]
+    code, out, _ = cli(capsys, *args, "--json")
+    off = json.loads(out)
+    assert code == 0 and off["setting"]["gradient_checkpointing"] is False  # no budget: planned off
+    assert any("gradient checkpointing auto" in n for n in off["notes"])
+    budget = str(off["total"] - 1) + "B"  # one byte short: auto turns it on, and then it fits
+    code, out, _ = cli(capsys, *args, "--gpu-memory", budget)
+    assert code == 0 and "gradient checkpointing on" in out and "fits in" in out and "NOT" not in out
+    assert "gradient checkpointing auto: on" in out
+
+
+def test_a_run_decides_auto_from_the_free_memory_and_records_it(tmp_path, tiny_model_dir, monkeypatch):
+    from adapterkit.recipes.train import run
+
+    common = [f"model.name_or_path={tiny_model_dir}", "data.eval=null", "train.max_steps=2", "train.save_every=null"]
+    recipe, src = load_recipe("lora-sentiment", [*common, f"output_dir={tmp_path / 'roomy'}"])
+    result = run(recipe, src, echo=False)
+    manifest = json.loads((result.out / "manifest.json").read_text())
+    assert manifest["gradient_checkpointing"] is False  # this machine has gigabytes free for a tiny model
+    assert not result.model.get_base_model().is_gradient_checkpointing
+    assert "gradient_checkpointing: auto" in (result.out / "recipe.yaml").read_text()  # what was asked is kept
+
+    monkeypatch.setattr(memory, "free_memory", lambda dev, processes=1: 1 * memory.MiB)  # a machine short of memory
+    recipe, src = load_recipe("lora-sentiment", [*common, f"output_dir={tmp_path / 'short'}"])
+    result = run(recipe, src, echo=False)
+    assert json.loads((result.out / "manifest.json").read_text())["gradient_checkpointing"] is True
+    assert result.model.get_base_model().is_gradient_checkpointing

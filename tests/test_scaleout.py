@@ -45,10 +45,12 @@ def test_two_processes_train_one_adapter_with_one_checkpoint(tmp_path, tiny_mode
 
     train, evaluation = write_jsonl(tmp_path / "train.jsonl", MEMO), write_jsonl(tmp_path / "eval.jsonl", MEMO[:4])
     out = tmp_path / "run"
-    # 8 rows, 2 per process per step: an epoch is 2 steps; the only checkpoint is the last step's.
+    # 8 rows, 2 per process per step (unpacked: one row per example): an epoch is 2 steps; the only
+    # checkpoint is the last step's.
     done = launch(["lora-sentiment", f"model.name_or_path={tiny_model_dir}", f"data.train={train}",
-                   f"data.eval={evaluation}", "train.max_steps=4", "train.batch_size=2", "train.save_every=4",
-                   "train.log_every=1", "train.lr=1e-2", "train.precision=fp32", f"output_dir={out}"], tmp_path)
+                   "data.packing=false", f"data.eval={evaluation}", "train.max_steps=4", "train.batch_size=2",
+                   "train.save_every=4", "train.log_every=1", "train.lr=1e-2", "train.precision=fp32",
+                   f"output_dir={out}"], tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     manifest = json.loads((out / "manifest.json").read_text())

@@ -45,7 +45,7 @@ def wrap(model: Any, adapter: Any, tokenizer_source: str, train: Any) -> Any:
     if getattr(model, "is_loaded_in_4bit", False):
         model = prepare_model_for_kbit_training(
             model,
-            use_gradient_checkpointing=train.gradient_checkpointing,
+            use_gradient_checkpointing=train.gradient_checkpointing is True,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
     return get_peft_model(model, lora_config(adapter.lora))

@@ -16,6 +16,7 @@ adapter switched off (a LoRA adapter starts as a no-op, so that is the starting 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 
 from adapterkit import evaluation, models, rundir
+from adapterkit import plan as plan_mod
 from adapterkit.adapters import METHODS, MethodSpec, trainable_parameters
 from adapterkit.adapters.lora import quantization_config
 from adapterkit.config import (
@@ -181,8 +183,9 @@ def load_model(recipe: Recipe, start: Start, precision: str, dev: torch.device) 
     from peft import PeftModel, prepare_model_for_kbit_training
 
     if quant is not None:
-        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=recipe.train.gradient_checkpointing,
-                                               gradient_checkpointing_kwargs={"use_reentrant": False})
+        base = prepare_model_for_kbit_training(
+            base, use_gradient_checkpointing=recipe.train.gradient_checkpointing is True,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
     return PeftModel.from_pretrained(base, str(start.adapter_dir), is_trainable=True)
 
 
@@ -292,6 +295,13 @@ def run(recipe: Recipe, src: RecipeSource, force: bool = False, echo: bool = Tru
     if start.from_run is not None:
         say(f"starting from run {start.from_run} ({start.method.name}"
             + (", its adapter continues and is the frozen reference)" if start.adapter_dir else ", as the base)"))
+    # Planned with the adapter that trains (the starting run's, when it continues one); recipe.yaml keeps
+    # what was asked, the manifest what ran.
+    planned = recipe if start.adapter_dir is None else dataclasses.replace(recipe, adapter=start.run_recipe.adapter)
+    planned, why = plan_mod.resolve_checkpointing(planned, config, start.source, dev, procs.num_processes)
+    decided = dataclasses.replace(recipe, train=planned.train)
+    if why:
+        say(f"gradient checkpointing (auto): {why}")
 
     lineage = {**(lineage or {}), **({"from_run": str(start.from_run.resolve())} if start.from_run else {})}
     if main and checkpoint is not None:
@@ -302,13 +312,14 @@ def run(recipe: Recipe, src: RecipeSource, force: bool = False, echo: bool = Tru
             "recipe": src.name, "recipe_path": src.path, "overrides": src.command_line, "stage": recipe.stage,
             "method": start.method.name, "task": recipe.data.task, "seed": recipe.train.seed, "device": str(dev),
             "processes": procs.num_processes, "precision": precision, "model_source": start.source,
+            "gradient_checkpointing": decided.train.gradient_checkpointing,
             "fingerprint": rundir.fingerprint(resolved), "data": data_ids, "lineage": lineage,
         })
         rundir.write_json(out / "data_report.json", [r.to_dict() for r in reports])
     procs.wait_for_everyone()  # the others read the manifest next
 
     try:
-        trainer, metrics = _train(recipe, out, dev, start, tokenizer, train, evaluation_rows, precision, say, echo,
+        trainer, metrics = _train(decided, out, dev, start, tokenizer, train, evaluation_rows, precision, say, echo,
                                   callbacks, checkpoint)
         if "ref" in getattr(trainer.model, "peft_config", {}):
             trainer.model.delete_adapter("ref")  # the reference is the starting adapter, already saved by its run

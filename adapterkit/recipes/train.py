@@ -20,9 +20,10 @@ from typing import Any
 
 from adapterkit import evaluation as evaluation_mod
 from adapterkit import models, perf, rundir
+from adapterkit import plan as plan_mod
 from adapterkit.adapters import METHODS, trainable_parameters
 from adapterkit.adapters.lora import quantization_config
-from adapterkit.config import Recipe, RecipeSource, dump_recipe, saved_recipe
+from adapterkit.config import Recipe, RecipeSource, dump_recipe, packs, saved_recipe
 from adapterkit.data.formatter import DataReport, Formatter, encode_rows, label_set
 from adapterkit.data.loading import RawRow, read_rows, resolve_sample
 from adapterkit.errors import AdapterkitError, DataError, Problem, TrainingStopped
@@ -101,6 +102,7 @@ def prepare_data(recipe: Recipe, tokenizer: Any, train_rows: list[RawRow] | None
 def trainer_args(recipe: Recipe, out: Path, precision: str, dev: Any, has_eval: bool) -> dict[str, Any]:
     """The TrainingArguments every stage shares (SFTConfig, DPOConfig and KTOConfig all take them)."""
     t = recipe.train
+    checkpointing = t.gradient_checkpointing is True  # `auto` is decided before (plan.resolve_checkpointing)
     return dict(
         output_dir=str(out / "checkpoints"),
         num_train_epochs=t.epochs,
@@ -114,8 +116,8 @@ def trainer_args(recipe: Recipe, out: Path, precision: str, dev: Any, has_eval: 
         gradient_accumulation_steps=t.grad_accum,
         max_grad_norm=t.max_grad_norm,
         seed=t.seed,
-        activation_checkpointing=t.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        activation_checkpointing=checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         use_cpu=dev.type == "cpu",
@@ -143,15 +145,44 @@ def _sft_config(recipe: Recipe, out: Path, precision: str, dev: Any, has_eval: b
 
     return SFTConfig(
         **trainer_args(recipe, out, precision, dev, has_eval),
-        packing=recipe.data.packing,
+        packing=packs(recipe),
         # Pretraining concatenates documents (EOS between them) and cuts the stream into blocks; SFT
-        # packs whole examples best-fit, padding-free, so attention never crosses two examples.
+        # packs whole examples best-fit, and attention never crosses two examples (PackedRowsCollator).
         packing_strategy="wrapped" if recipe.stage == "pretrain" else "bfd",
-        # trl pads each batch to its longest example: on mixed lengths (short labels beside long
-        # contexts) most of a random batch is padding. Grouping by length removes most of it.
-        train_sampling_strategy="group_by_length" if recipe.data.group_by_length and not recipe.data.packing
+        # Without packing trl pads each batch to its longest example: on mixed lengths (short labels
+        # beside long contexts) most of a random batch is padding. Grouping by length removes most of it.
+        train_sampling_strategy="group_by_length" if recipe.data.group_by_length and not packs(recipe)
         else "random",
     )
+
+
+def _varlen_attention(model: Any) -> bool:
+    """Whether the model's attention runs packed sequences without a mask (flash attention's varlen
+    kernels): then trl's padding-free batch of one long row costs nothing extra."""
+    impl = str(getattr(model.config, "_attn_implementation", "") or "")
+    return impl.startswith(("flash_attention", "kernels")) or "flash" in impl
+
+
+class PackedRowsCollator:
+    """Packed examples as one row per pack, for attention without varlen kernels (sdpa, eager).
+
+    trl's padding-free collator concatenates the whole batch into one row of batch x max_length
+    tokens; sdpa then attends over all of it under a block mask, which costs (batch)^2 times the
+    attention of the packs themselves. Here each pack stays a row: position ids restart at every
+    example, there is no attention mask, and transformers derives a per-row block-diagonal causal
+    mask from the position ids, so attention still never crosses two examples. The short tail of a
+    row is padding (label -100, position 0)."""
+
+    def __init__(self, pad_token_id: int) -> None:
+        from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+        self.inner = DataCollatorForLanguageModeling(pad_token_id=pad_token_id, return_position_ids=True)
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = self.inner(examples)
+        batch.pop("attention_mask")
+        return batch
 
 
 def guarded_trainer_class(base: type | None = None) -> type:
@@ -162,6 +193,11 @@ def guarded_trainer_class(base: type | None = None) -> type:
     from trl import SFTTrainer
 
     class GuardedTrainer(base or SFTTrainer):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            if getattr(self, "padding_free", False) and self.args.packing and not _varlen_attention(self.model):
+                self.data_collator = PackedRowsCollator(self.data_collator.pad_token_id)
+
         def _save_checkpoint(self, model: Any, trial: Any) -> None:
             # transformers writes checkpoint-N in place, and a kill mid-save leaves a folder resume
             # would trust. Write it under a staging name, then publish it by rename.
@@ -210,7 +246,7 @@ def guarded_trainer_class(base: type | None = None) -> type:
 
 def _context(recipe: Recipe, rows: list[dict]) -> float:
     """Mean number of positions a training token attends to (causal: a token at position i sees i)."""
-    if recipe.stage == "pretrain" and recipe.data.packing:  # every block is max_length long
+    if recipe.stage == "pretrain" and packs(recipe):  # every block is max_length long
         return (recipe.data.max_length + 1) / 2
     lengths = [min(len(r["input_ids"]), recipe.data.max_length) for r in rows] or [1]
     return sum(n * (n + 1) / 2 for n in lengths) / max(sum(lengths), 1)
@@ -377,6 +413,10 @@ def run(recipe: Recipe, src: RecipeSource, force: bool = False, echo: bool = Tru
     say(f"data ({formatter.spec.task}, {formatter.spec.mode} template)")
     for report in reports:
         say("  " + report.summary())
+    # `auto` settings decided for this machine; recipe.yaml keeps what was asked, the manifest what ran.
+    decided, why = plan_mod.resolve_checkpointing(recipe, config, m.name_or_path, dev, procs.num_processes)
+    if why:
+        say(f"gradient checkpointing (auto): {why}")
     task_eval = None
     if recipe.stage == "sft" and recipe.data.eval is not None:
         examples, skipped = evaluation_mod.build_examples(
@@ -392,13 +432,14 @@ def run(recipe: Recipe, src: RecipeSource, force: bool = False, echo: bool = Tru
             "recipe": src.name, "recipe_path": src.path, "overrides": src.command_line, "stage": recipe.stage,
             "method": method.name, "task": recipe.data.task, "seed": recipe.train.seed, "device": str(dev),
             "processes": procs.num_processes, "precision": precision, "model_source": source or "scratch",
+            "gradient_checkpointing": decided.train.gradient_checkpointing,
             "fingerprint": rundir.fingerprint(resolved), "data": data_ids, "lineage": lineage,
         })
         rundir.write_json(out / "data_report.json", [r.to_dict() for r in reports])
     procs.wait_for_everyone()  # the others read the manifest next
 
     try:
-        trainer, metrics = _train(recipe, out, dev, method, source, config, tokenizer, train, evaluation, precision,
+        trainer, metrics = _train(decided, out, dev, method, source, config, tokenizer, train, evaluation, precision,
                                   echo, callbacks, checkpoint, task_eval)
         save_final(trainer, tokenizer, formatter, out)
     except BaseException as e:
