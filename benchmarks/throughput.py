@@ -20,16 +20,19 @@ with the other and the peak memory of one is not the next one's starting point.
 - adapterkit: `lora-sentiment` (LoRA) and `qlora-qa` (QLoRA) with their defaults, pointed at the same
   model and rows (`data.task=generation` with the prompt/completion columns).
 
-Both read every row once, so they do the same useful work and only the time differs. adapterkit's
-length grouping sorts windows of min(rows / 32, 50) batches: 96 rows give windows of 3 batches, a
-data set of 1,600 rows or more windows of 50, so these short runs understate what grouping saves.
+Both read every row once, so they do the same useful work and only the time differs (adapterkit
+packs several rows into one sequence, so it takes fewer, fuller steps). `--impls` adds adapterkit
+with gradient checkpointing forced on (`adapterkit-ckpt`) and with packing off (`adapterkit-grouped`:
+length-grouped padded batches; transformers' sampler sorts windows of min(rows / 32, 50) batches, so
+96 rows give windows of 3 batches and a data set of 1,600 rows or more windows of 50).
 
-Measured in each process, the same way for both: useful tokens (non-padding tokens the model
-reads, from each batch's attention mask, through a forward hook) and all tokens (padding included),
+Measured in each process, the same way for all: useful tokens (non-padding tokens the model reads:
+from each batch's attention mask, or for packed rows, which carry none, every token but the pad
+token at the end of a row; through a forward hook) and all tokens (padding included),
 over the wall time from the first step to the last; peak memory as the process's peak resident set
 (VmHWM) above its resident set before the model is loaded; model FLOPs per token as
 adapterkit.perf counts them (matrix multiplies: 2 forward + 2 input-gradient FLOPs per weight, + 2 for
-weights that train; causal attention at the batch's mean context); MFU = FLOPs per token x useful
+weights that train; causal attention at each example's own mean context); MFU = FLOPs per token x useful
 tokens/s / the matmul peak of this CPU in the training dtype, measured by this script at its start.
 """
 
@@ -67,8 +70,10 @@ VOCAB = 16384
 LR, BATCH, MAX_LENGTH = 2e-4, 8, 512
 LORA = dict(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear")
 RECIPES = {"lora": "lora-sentiment", "qlora": "qlora-qa"}
-# adapterkit as shipped, and with gradient checkpointing (what `adapterkit plan` proposes when memory is short).
-IMPLS: dict[str, tuple[str, ...]] = {"adapterkit": (), "adapterkit-ckpt": ("train.gradient_checkpointing=true",)}
+# adapterkit as shipped; with gradient checkpointing forced on (what `auto` picks when memory is short); with
+# packing off (length-grouped padded batches instead).
+IMPLS: dict[str, tuple[str, ...]] = {"adapterkit": (), "adapterkit-ckpt": ("train.gradient_checkpointing=true",),
+                                     "adapterkit-grouped": ("data.packing=false",)}
 
 
 def _open(path: Path):
@@ -115,7 +120,7 @@ def _rss(field: str) -> int:
 class Meter:
     """Counts what the model reads (a forward pre-hook) and times training (a TrainerCallback)."""
 
-    def __init__(self) -> None:
+    def __init__(self, pad_token_id: int) -> None:
         from transformers import TrainerCallback
 
         meter = self
@@ -131,19 +136,25 @@ class Meter:
                 meter.hook.remove()
 
         self.callback = Callback()
+        self.pad_token_id = pad_token_id
         self.useful = self.total = 0
         self.context_sum = 0.0
         self.seconds = 0.0
 
     def count(self, module, args, kwargs) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
-        mask = kwargs.get("attention_mask")
         if ids is None or not torch.is_grad_enabled():
             return
-        lengths = mask.sum(-1) if mask is not None else torch.full((ids.shape[0],), ids.shape[-1])
-        self.useful += int(lengths.sum())
+        mask = kwargs.get("attention_mask")
+        if mask is None:  # packed rows: no mask, and only the rows' padded tails hold the pad token
+            mask = (ids != self.pad_token_id).long()
+        positions = kwargs.get("position_ids")
+        if positions is None:  # right-padded rows, one example each
+            positions = torch.arange(ids.shape[-1]).expand_as(ids)
+        self.useful += int(mask.sum())
         self.total += ids.numel()
-        self.context_sum += float((lengths * (lengths + 1) / 2).sum())
+        # A token at position i attends to i + 1 positions (causal, within its own example).
+        self.context_sum += float(((positions + 1) * mask).sum())
 
 
 def run_baseline(model_dir: Path, data: Path, method: str, out: Path, meter: Meter) -> dict[str, Any]:
@@ -176,7 +187,7 @@ def run_baseline(model_dir: Path, data: Path, method: str, out: Path, meter: Met
 def run_adapterkit(model_dir: Path, data: Path, method: str, out: Path, meter: Meter,
                    extra: tuple[str, ...] = ()) -> dict[str, Any]:
     """The shipped recipe with its defaults (and `extra` overrides), on the same model and rows."""
-    from adapterkit.config import load_recipe
+    from adapterkit.config import load_recipe, packs
     from adapterkit.recipes.train import run
 
     recipe, src = load_recipe(RECIPES[method], [
@@ -186,12 +197,10 @@ def run_adapterkit(model_dir: Path, data: Path, method: str, out: Path, meter: M
         f"adapter.lora.dropout={LORA['lora_dropout']}", f"train.lr={LR}", f"train.batch_size={BATCH}",
         "train.epochs=1", "train.save_every=null", "train.log_every=5", f"output_dir={out}", *extra])
     run(recipe, src, echo=False, callbacks=[meter.callback])
-    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
-    losses = [r["loss"] for r in log if "loss" in r]
-    return {"train_loss": sum(losses) / len(losses), "steps": log[-1]["step"],
-            "precision": json.loads((out / "manifest.json").read_text())["precision"],
-            "gradient_checkpointing": recipe.train.gradient_checkpointing,
-            "group_by_length": recipe.data.group_by_length}
+    manifest = json.loads((out / "manifest.json").read_text())
+    return {"train_loss": manifest["metrics"]["train_loss"], "steps": manifest["metrics"]["steps"],
+            "precision": manifest["precision"], "gradient_checkpointing": manifest["gradient_checkpointing"],
+            "packing": packs(recipe), "group_by_length": recipe.data.group_by_length and not packs(recipe)}
 
 
 def one(impl: str, method: str, size: str, model_dir: Path, data: Path, out: Path) -> dict[str, Any]:
@@ -201,17 +210,23 @@ def one(impl: str, method: str, size: str, model_dir: Path, data: Path, out: Pat
     from adapterkit import perf
 
     hf_logging.set_verbosity_error()
+    if impl == "baseline":
+        # adapterkit turns on PyTorch's huge-page allocation when imported (see adapterkit/__init__.py);
+        # the plain trl script does not have it.
+        os.environ["THP_MEM_ALLOC_ENABLE"] = "0"
     # Import what either side imports, so the memory measured from here on is training's, not code's.
     import bitsandbytes  # noqa: F401
     import datasets  # noqa: F401
     import matplotlib.pyplot  # noqa: F401
     import peft  # noqa: F401
     import trl  # noqa: F401
+    from transformers import AutoTokenizer
 
     import adapterkit.recipes.train  # noqa: F401
 
+    pad_token_id = AutoTokenizer.from_pretrained(model_dir).pad_token_id
     rss0 = _rss("VmRSS")
-    meter = Meter()
+    meter = Meter(pad_token_id)
     if impl == "baseline":
         extra = run_baseline(model_dir, data, method, out, meter)
     else:
