@@ -167,7 +167,7 @@ class PackedRowsCollator:
     """Packed examples as one row per pack, for attention without varlen kernels (sdpa, eager).
 
     trl's padding-free collator concatenates the whole batch into one row of batch x max_length
-    tokens; sdpa then attends over all of it under a block mask, which costs (batch)^2 times the
+    tokens; sdpa then attends over all of it under a block mask, which costs batch times the
     attention of the packs themselves. Here each pack stays a row: position ids restart at every
     example, there is no attention mask, and transformers derives a per-row block-diagonal causal
     mask from the position ids, so attention still never crosses two examples. The short tail of a
@@ -195,7 +195,8 @@ def guarded_trainer_class(base: type | None = None) -> type:
     class GuardedTrainer(base or SFTTrainer):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
-            if getattr(self, "padding_free", False) and self.args.packing and not _varlen_attention(self.model):
+            packed = getattr(self, "padding_free", False) and getattr(self.args, "packing", False)
+            if packed and not _varlen_attention(self.model):
                 self.data_collator = PackedRowsCollator(self.data_collator.pad_token_id)
 
         def _save_checkpoint(self, model: Any, trial: Any) -> None:
