@@ -234,7 +234,7 @@ def export(path: str | Path, out: str | Path, merge: bool | None = None, dtype: 
         rundir.write_atomic(tmp / "README.md", model_card(info, trained))
         if not parity.passed and not force:
             raise ParityFailed(Problem(str(out), f"the exported model does not reproduce the trained one: "
-                                       f"{parity.summary()}; nothing was written", fix=_parity_fix(method, base)),
+                                       f"{parity.summary()}; nothing was written", fix=_parity_fix(method, base, target_name)),
                                parity)
         rundir.publish_dir(tmp, out)
         rundir.fsync_dir(out.parent)
@@ -331,6 +331,7 @@ def _merge(trained: Trained, dtype: torch.dtype, base: str, dev: torch.device) -
         from transformers.utils import logging as hf_logging
 
         model = model.unload()  # the 4-bit base, without the LoRA layers
+        models.standard_4bit_layout(model)  # read the weights in the layout bitsandbytes dequantises
         level = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # "dequantized in float32 and casted to ...": said below instead
         try:
@@ -341,6 +342,7 @@ def _merge(trained: Trained, dtype: torch.dtype, base: str, dev: torch.device) -
         quant = trained.recipe.adapter.quant
         what = (f"the adapter merged into the {quant.type.upper()}{' double-quantised' if quant.double_quant else ''} "
                 f"4-bit base it trained against ({trained.base_source}), dequantised by bitsandbytes to {name}")
+        return _restore_conv1d(model.merge_and_unload(safe_merge=True)), what
     elif method.quantized_base or dtype != trained.dtype:
         del model
         gc.collect()
@@ -352,6 +354,34 @@ def _merge(trained: Trained, dtype: torch.dtype, base: str, dev: torch.device) -
     else:
         what = f"the adapter merged into the base it trained on ({trained.base_source}), in {name}"
     return model.merge_and_unload(safe_merge=True), what
+
+
+def _restore_conv1d(model: Any) -> Any:
+    """Give back GPT-2-style `Conv1D` layers their own class and orientation after a 4-bit round trip.
+
+    bitsandbytes quantises a Conv1D (weight stored (in, out)) as a Linear4bit, and dequantising makes it
+    an `nn.Linear` (weight (out, in)). Saved like that, the model's own class would read every such weight
+    transposed: an error for a rectangular one, silently wrong numbers for a square one."""
+    from transformers.pytorch_utils import Conv1D
+
+    with torch.device("meta"):
+        reference = type(model)(model.config)
+    for name, module in reference.named_modules():
+        if not isinstance(module, Conv1D):
+            continue
+        linear = model.get_submodule(name)
+        if not isinstance(linear, torch.nn.Linear):
+            continue
+        conv = Conv1D(linear.out_features, linear.in_features).to(linear.weight.device, linear.weight.dtype)
+        with torch.no_grad():
+            conv.weight.copy_(linear.weight.t())
+            if linear.bias is not None:
+                conv.bias.copy_(linear.bias)
+            else:
+                conv.bias.zero_()
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, conv)
+    return model
 
 
 def _save_merged(model: Any, trained: Trained, tmp: Path) -> None:
@@ -389,12 +419,15 @@ def _load_adapter(trained: Trained, tmp: Path) -> Any:
     return PeftModel.from_pretrained(base, str(tmp), is_trainable=False)
 
 
-def _parity_fix(method: MethodSpec, base: str | None) -> str:
+def _parity_fix(method: MethodSpec, base: str | None, dtype: str) -> str:
     if method.quantized_base and base == "original":
         return ("merge into the weights the adapter trained against: leave --base out (--base quantized); or pass "
                 "--force to write this export anyway")
-    return ("export in float32 (--dtype float32) if a half-precision export drifted, and report it if float32 "
-            "fails; --force writes the export anyway")
+    if dtype != "float32":
+        return (f"export in float32 (--dtype float32): a {dtype} export rounds every merged weight; --force writes "
+                "this export anyway")
+    return ("this float32 export should match to rounding, so this is a bug: please report it with export.json "
+            "(--force writes the export anyway, and keeps the numbers in it)")
 
 
 # -- lineage: export.json and the model card ---------------------------------------------------------------------

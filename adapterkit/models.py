@@ -211,9 +211,44 @@ def load_model(cfg: ModelConfig, source: str, dtype: torch.dtype, quantization_c
         kwargs["quantization_config"] = quantization_config
         kwargs["device_map"] = {"": str(dev or device())}
     try:
-        return AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as e:
         raise _hub_error("name_or_path", source, e) from None
+    if quantization_config is not None:
+        if not standard_4bit_layout(model):
+            raise ConfigError(Problem("adapter.method", f"'qlora': transformers quantised no layer of "
+                                      f"{type(model).__name__} (bitsandbytes replaces only plain nn.Linear and "
+                                      "Conv1D layers), so there is no 4-bit base to train on",
+                                      fix="use adapter.method=lora (the same adapters on the unquantised base)"))
+    return model
+
+
+def linear_4bit_layers(model: Any) -> list[Any]:
+    """The bitsandbytes 4-bit linear layers of a model (inside peft's LoRA wrappers too)."""
+    import bitsandbytes as bnb
+
+    return [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+
+
+def standard_4bit_layout(model: Any) -> int:
+    """Keep every 4-bit weight of `model` in bitsandbytes' standard layout; returns how many layers it has.
+
+    On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks a 4-bit weight in place into a CPU-only layout
+    the first time it runs in eval mode without grad (`Linear4bit.forward`). Anything that then reads
+    the weight itself (dequantising it for a merge) reads garbage, training after such a pass gets wrong
+    gradients (the repacked path has no autograd kernel), and the repacking asserts on dimensions not
+    divisible by 32. So layers already repacked are converted back, and repacking is switched off: one
+    layout on every machine, the one training, saving and merging expect."""
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+    layers = linear_4bit_layers(model)
+    for layer in layers:
+        weight = layer.weight
+        if getattr(weight.quant_state, "packing_format_for_cpu", False):
+            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
+            layer.quant_state = weight.quant_state
+        layer.support_avx512bf16_for_cpu = False
+    return len(layers)
 
 
 def build_model(config: Any, seed: int) -> Any:

@@ -60,10 +60,14 @@ def matmul_peak(dev: torch.device, dtype: torch.dtype, n: int | None = None, rep
 
 def _linear_shapes(model: Any) -> list[tuple[int, bool]]:
     """(weights, trains) of every matrix multiply in the model, each module once."""
+    from transformers.pytorch_utils import Conv1D
+
     out = []
     for module in model.modules():
         if isinstance(module, torch.nn.Linear):
             out.append((module.in_features * module.out_features, module.weight.requires_grad))
+        elif isinstance(module, Conv1D):  # GPT-2's linear layers, weight stored (in, out)
+            out.append((module.weight.numel(), module.weight.requires_grad))
     return out
 
 

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from adapterkit import models
-from adapterkit.adapters import METHODS
+from adapterkit.adapters import METHODS, model_problems
 from adapterkit.config import Recipe, load_recipe, packs
 from adapterkit.errors import AdapterkitError, ConfigError, Problem
 
@@ -153,6 +153,18 @@ def _meta_model(config: Any, trust_remote_code: bool) -> Any:
         return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 
 
+def _is_linear(module: Any) -> bool:
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, (torch.nn.Linear, Conv1D))
+
+
+def _quantizable(module: Any) -> bool:
+    from transformers.pytorch_utils import Conv1D
+
+    return type(module) is torch.nn.Linear or isinstance(module, Conv1D)
+
+
 def architecture(config: Any, trust_remote_code: bool = False, name: str = "") -> Architecture:
     """Sizes from the config, and parameter counts from the model built on the meta device."""
     from transformers.quantizers.base import get_keys_to_not_convert
@@ -176,8 +188,10 @@ def architecture(config: Any, trust_remote_code: bool = False, name: str = "") -
     # weights and the model's keep-in-fp32 modules stay as they are).
     keep = get_keys_to_not_convert(model) + list(getattr(model, "_keep_in_fp32_modules", None) or [])
     out_head = model.get_output_embeddings()
-    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not out_head]
-    quantized = [m.weight.numel() for n, m in linears if should_convert_module(n, keep)]
+    linears = [(n, m) for n, m in model.named_modules() if _is_linear(m) and m is not out_head]
+    # transformers' bitsandbytes integration (replace_with_bnb_linear) replaces exactly `nn.Linear`
+    # (not subclasses such as Falcon's FalconLinear) and GPT-2's Conv1D.
+    quantized = [m.weight.numel() for n, m in linears if _quantizable(m) and should_convert_module(n, keep)]
     return Architecture(
         name=name or getattr(config, "_name_or_path", "") or type(config).__name__,
         vocab=size("vocab_size"), hidden=hidden, layers=size("num_hidden_layers", "n_layer"), heads=heads,
@@ -384,6 +398,9 @@ def plan(recipe: Recipe, facts: ModelFacts, device: str = "cuda", padded: bool |
     does unless the recipe pretrains on wrapped blocks."""
     a, t, arch = recipe.adapter, recipe.train, facts.arch
     method = METHODS[a.method]
+    problems = model_problems(a.method, facts.config, arch.quantized_matrices)
+    if problems:
+        raise ConfigError(problems)
     if device == "cuda":
         precision = "bf16" if t.precision == "auto" else t.precision
     else:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
 from adapterkit.adapters import full, lora, soft_prompt
+from adapterkit.errors import Problem
 
 
 @dataclass(frozen=True)
@@ -40,3 +41,17 @@ def trainable_parameters(model: Any) -> tuple[int, int]:
     if hasattr(model, "get_nb_trainable_parameters"):
         return model.get_nb_trainable_parameters()
     return model.num_parameters(only_trainable=True), model.num_parameters()
+
+
+def model_problems(method: str, config: Any, quantized_matrices: int) -> list[Problem]:
+    """Why `method` cannot train the model of `config` (none when it can), known from the config alone,
+    before any weight is loaded. `quantized_matrices`: the linear layers bitsandbytes would make 4-bit."""
+    spec = METHODS[method]
+    name = type(config).__name__.removesuffix("Config")
+    problems = []
+    if spec.quantized_base and quantized_matrices == 0:
+        problems.append(Problem("adapter.method", f"'{method}': transformers quantises no layer of {name} models "
+                                "(bitsandbytes replaces only plain nn.Linear and Conv1D layers), so there would be "
+                                "no 4-bit base to train on", fix="use adapter.method=lora (the same adapters on the "
+                                "unquantised base)"))
+    return problems

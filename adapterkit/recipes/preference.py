@@ -26,7 +26,7 @@ import torch
 
 from adapterkit import evaluation, models, rundir
 from adapterkit import plan as plan_mod
-from adapterkit.adapters import METHODS, MethodSpec, trainable_parameters
+from adapterkit.adapters import METHODS, MethodSpec, model_problems, trainable_parameters
 from adapterkit.adapters.lora import quantization_config
 from adapterkit.config import (
     Recipe,
@@ -37,7 +37,7 @@ from adapterkit.config import (
 )
 from adapterkit.data.formatter import DataReport, FormatSpec, Formatter
 from adapterkit.data.loading import RawRow, read_rows
-from adapterkit.errors import AdapterkitError, DataError, Problem
+from adapterkit.errors import AdapterkitError, ConfigError, DataError, Problem
 from adapterkit.recipes.train import (
     _data_files,
     _describe,
@@ -298,6 +298,10 @@ def run(recipe: Recipe, src: RecipeSource, force: bool = False, echo: bool = Tru
     # Planned with the adapter that trains (the starting run's, when it continues one); recipe.yaml keeps
     # what was asked, the manifest what ran.
     planned = recipe if start.adapter_dir is None else dataclasses.replace(recipe, adapter=start.run_recipe.adapter)
+    problems = model_problems(planned.adapter.method, config,
+                              plan_mod.architecture(config, recipe.model.trust_remote_code).quantized_matrices)
+    if problems:
+        raise ConfigError(problems)
     planned, why = plan_mod.resolve_checkpointing(planned, config, start.source, dev, procs.num_processes)
     decided = dataclasses.replace(recipe, train=planned.train)
     if why:

@@ -21,12 +21,12 @@ from typing import Any
 from adapterkit import evaluation as evaluation_mod
 from adapterkit import models, perf, rundir
 from adapterkit import plan as plan_mod
-from adapterkit.adapters import METHODS, trainable_parameters
+from adapterkit.adapters import METHODS, model_problems, trainable_parameters
 from adapterkit.adapters.lora import quantization_config
 from adapterkit.config import Recipe, RecipeSource, dump_recipe, packs, saved_recipe
 from adapterkit.data.formatter import DataReport, Formatter, encode_rows, label_set
 from adapterkit.data.loading import RawRow, read_rows, resolve_sample
-from adapterkit.errors import AdapterkitError, DataError, Problem, TrainingStopped
+from adapterkit.errors import AdapterkitError, ConfigError, DataError, Problem, TrainingStopped
 
 
 def _describe(spec: str | list[str] | None) -> str:
@@ -409,6 +409,9 @@ def run(recipe: Recipe, src: RecipeSource, force: bool = False, echo: bool = Tru
     source, tokenizer, train_rows = tokenizer_for(recipe, say)
     formatter, train, evaluation, reports = prepare_data(recipe, tokenizer, train_rows)
     config = models.scratch_config(m, tokenizer) if m.init == "scratch" else models.load_config(m, source)
+    problems = model_problems(method.name, config, plan_mod.architecture(config, m.trust_remote_code).quantized_matrices)
+    if problems:
+        raise ConfigError(problems)
     precision = models.resolve_precision(recipe.train.precision, dev,
                                          models.count_parameters(config, m.trust_remote_code))
     say(f"data ({formatter.spec.task}, {formatter.spec.mode} template)")
