@@ -169,3 +169,35 @@ def test_packed_sft_trains_and_never_attends_across_examples(tmp_path, tiny_mode
                 # Float rounding differs with the sequence length (sdpa kernels tile differently), up
                 # to ~1e-5 on logits of order 5; attention leaking across examples moves them far more.
                 assert torch.allclose(packed[row, b:e], alone, atol=1e-4), (packed[row, b:e] - alone).abs().max()
+
+
+def test_packing_falls_back_to_padded_batches_where_attention_ignores_position_ids(tmp_path, tiny_model_dir):
+    """OPT builds its causal mask without position ids, so packed examples would attend to each other:
+    the run measures that on the model before training and pads its batches instead, saying so."""
+    from transformers import AutoTokenizer, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+
+    from adapterkit.recipes.train import packing_isolates_examples
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    config = OPTConfig(vocab_size=len(tok), hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                       word_embed_proj_dim=64, max_position_embeddings=512, bos_token_id=tok.bos_token_id,
+                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, init_std=0.3)
+    opt_dir = tmp_path / "opt"
+    OPTForCausalLM(config).save_pretrained(opt_dir)
+    tok.save_pretrained(opt_dir)
+    assert packing_isolates_examples(LlamaForCausalLM.from_pretrained(tiny_model_dir)) == (True, 0.0)
+    isolated, change = packing_isolates_examples(OPTForCausalLM.from_pretrained(opt_dir))
+    assert not isolated and change > 1e-2
+
+    data = write_jsonl(tmp_path / "memo.jsonl", MEMO)
+    batches = Batches()
+    recipe, src = load_recipe("lora-sentiment", [
+        f"model.name_or_path={opt_dir}", f"data.train={data}", "data.eval=null", "data.packing=true",
+        "train.batch_size=2", "train.max_steps=2", "train.save_every=null", "train.precision=fp32",
+        f"output_dir={tmp_path / 'run'}"])
+    result = run(recipe, src, echo=False, callbacks=[batches])
+    assert json.loads((result.out / "manifest.json").read_text())["packing"] is False
+    first = batches.seen[0]
+    assert "attention_mask" in first and first["input_ids"].shape[0] == 2
+    starts = (first.get("position_ids", torch.zeros(1)) == 0).sum(-1) if "position_ids" in first else None
+    assert starts is None or starts.max() <= 1  # one example per row

@@ -185,6 +185,35 @@ class PackedRowsCollator:
         return batch
 
 
+def packing_isolates_examples(model: Any) -> tuple[bool, float]:
+    """Whether `model` keeps packed examples apart when fed as the packed collators feed them (one row,
+    position ids restarting at each example, no attention mask), and the largest change it measured.
+
+    transformers derives the block-diagonal mask from the position ids, but only where the model passes
+    them to its mask builder: OPT, for one, does not, and its packed examples attend to each other. So
+    the model is asked directly: the second of two packed examples must compute the same logits
+    whatever the first one holds. Two rows of 16 random tokens, in eval mode."""
+    import torch
+
+    vocab = model.get_input_embeddings().num_embeddings
+    dev = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(0)
+    first, other, second = (torch.randint(0, vocab, (n,), generator=gen) for n in (7, 7, 9))
+    positions = torch.cat([torch.arange(7), torch.arange(9)]).unsqueeze(0).to(dev)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            outs = [model(input_ids=torch.cat([head, second]).unsqueeze(0).to(dev), position_ids=positions,
+                          use_cache=False).logits[0, 7:]
+                    .float() for head in (first, other)]
+    finally:
+        model.train(was_training)
+    change = (outs[0] - outs[1]).abs().max().item()
+    scale = max(1.0, outs[0].abs().max().item())
+    return change <= 1e-3 * scale, change
+
+
 def guarded_trainer_class(base: type | None = None) -> type:
     """A trl trainer (SFTTrainer unless `base` is given) with atomic checkpoints and a stop on
     non-finite loss or gradients."""
@@ -277,6 +306,15 @@ def _train(recipe: Recipe, out: Path, dev: Any, method: Any, source: str | None,
             quant = quantization_config(recipe.adapter.quant, compute)
         model = models.load_model(m, source, dtype, quant, dev)
         tokenizer_source = m.tokenizer or source
+    if packs(recipe) and recipe.stage == "sft":
+        isolated, change = packing_isolates_examples(model)
+        if not isolated:
+            say(f"packing: off, batches are padded instead: {type(model).__name__} lets packed examples attend to "
+                f"each other (its attention ignores restarting position ids; one example's logits moved by "
+                f"{change:.3g} when the other changed)")
+            recipe = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, packing=False))
+        if models.processes().is_main_process:
+            rundir.update_manifest(out, packing=isolated)
     model = method.wrap(model, recipe.adapter, tokenizer_source, recipe.train)
     trainable, total = trainable_parameters(model)
     say(f"model: {method.name}, {trainable:,} of {total:,} parameters train ({100 * trainable / total:.3f}%), "
