@@ -33,7 +33,7 @@ import torch
 from adapterkit import metrics as M
 from adapterkit import rundir
 from adapterkit.config import EvalConfig
-from adapterkit.data.formatter import Formatter
+from adapterkit.data.formatter import Formatter, TemplateRejected
 from adapterkit.data.loading import RawRow
 from adapterkit.errors import DataError, Problem
 
@@ -79,11 +79,15 @@ def build_examples(rows: list[RawRow], formatter: Formatter, limit: int | None, 
         if fields is None:
             skipped[reason] += 1
             continue
-        prompt, reference = formatter.split_for_eval(formatter.record(fields))
+        try:
+            prompt, reference = formatter.split_for_eval(formatter.record(fields))
+        except TemplateRejected as e:
+            skipped[f"the chat template rejects the conversation ({e})"] += 1
+            continue
         if not prompt or len(prompt) >= formatter.spec.max_length:
             skipped[f"prompt longer than max_length={formatter.spec.max_length}"] += 1
             continue
-        ex = Example(raw.where, prompt, reference, _decode(tok, reference))
+        ex = Example(raw.where, prompt, reference, _decode(tok, reference, formatter.stop_ids))
         if formatter.task.name == "sentiment":
             ex.label = fields["label"]
             ex.label_ids = {lab: formatter.split_for_eval(formatter.record({**fields, "label": lab}))[1]
@@ -96,12 +100,11 @@ def build_examples(rows: list[RawRow], formatter: Formatter, limit: int | None, 
     return examples, skipped
 
 
-def _decode(tokenizer: Any, ids: list[int]) -> str:
-    """Text of generated ids, cut at the first EOS."""
-    eos = tokenizer.eos_token_id
-    if eos in ids:
-        ids = ids[: ids.index(eos)]
-    return tokenizer.decode(ids, skip_special_tokens=True).strip()
+def _decode(tokenizer: Any, ids: list[int], stop_ids: list[int] | None = None) -> str:
+    """Text of generated ids, cut at the first stop token (EOS, or the chat template's end of turn)."""
+    stops = set(stop_ids or [tokenizer.eos_token_id])
+    end = next((i for i, t in enumerate(ids) if t in stops), len(ids))
+    return tokenizer.decode(ids[:end], skip_special_tokens=True).strip()
 
 
 # -- model passes ----------------------------------------------------------------------------------
@@ -169,14 +172,15 @@ def sequence_logprobs(model: Any, pairs: list[tuple[list[int], list[int]]], pad_
 
 @torch.no_grad()
 def generate(model: Any, prompts: list[list[int]], tokenizer: Any, max_new_tokens: int, batch_size: int,
-             progress: Progress | None = None) -> list[list[int]]:
-    """Greedy continuations of each prompt (new token ids, up to and with EOS), in length-sorted
-    batches with left padding."""
+             progress: Progress | None = None, stop_ids: list[int] | None = None) -> list[list[int]]:
+    """Greedy continuations of each prompt (new token ids, up to and with the first stop token: EOS by
+    default), in length-sorted batches with left padding."""
     from transformers import GenerationConfig
 
     dev = _device_of(model)
+    stops = list(stop_ids or [tokenizer.eos_token_id])
     config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
-                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+                              eos_token_id=stops, pad_token_id=tokenizer.pad_token_id)
     out: list[list[int]] = [[] for _ in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     if _soft_prompt_active(model):
@@ -202,7 +206,8 @@ def generate(model: Any, prompts: list[list[int]], tokenizer: Any, max_new_token
         for row, i in enumerate(batch):
             new = generated[row, width:].tolist()
             # A finished row is padded until the batch ends; keep it up to and with its EOS.
-            out[i] = new[: new.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in new else new
+            end = next((j for j, t in enumerate(new) if t in stops), None)
+            out[i] = new[: end + 1] if end is not None else new
         done += len(batch)
         if progress:
             progress.update(done)
@@ -248,8 +253,8 @@ def evaluate(model: Any, examples: list[Example], formatter: Formatter, settings
             metrics["perplexity"] = math.exp(-sum(nll) / n_tokens)
         new_tokens = settings.max_new_tokens or MAX_NEW_TOKENS[task]
         outputs = generate(model, [e.prompt_ids for e in examples], tok, new_tokens, settings.batch_size,
-                           Progress(say, f"{name} generating", len(examples)))
-        predictions = [_decode(tok, ids) for ids in outputs]
+                           Progress(say, f"{name} generating", len(examples)), formatter.stop_ids)
+        predictions = [_decode(tok, ids, formatter.stop_ids) for ids in outputs]
         references = [e.reference for e in examples]
         metrics.update(M.generation_metrics(task, predictions, references))
         score = M.EXAMPLE_SCORES[task]

@@ -32,7 +32,7 @@ import torch
 from adapterkit import models, rundir
 from adapterkit.adapters import METHODS, MethodSpec
 from adapterkit.config import dump_recipe
-from adapterkit.data.formatter import Formatter
+from adapterkit.data.formatter import Formatter, TemplateRejected
 from adapterkit.data.loading import read_rows
 from adapterkit.errors import AdapterkitError, DataError, Problem, did_you_mean
 from adapterkit.trained import Trained, load_trained, locate
@@ -126,7 +126,10 @@ def parity_batch(trained: Trained, rows: int = ROWS) -> ParityBatch:
             fields, _ = formatter.fields(raw)
             if fields is None:
                 continue
-            prompt, reference = formatter.split_for_eval(formatter.record(fields))
+            try:
+                prompt, reference = formatter.split_for_eval(formatter.record(fields))
+            except TemplateRejected:
+                continue
             if prompt and reference:
                 sequences.append((prompt + reference)[:MAX_TOKENS])
                 prompts.append(prompt[:MAX_TOKENS])

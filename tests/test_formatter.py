@@ -126,8 +126,10 @@ def test_tokenizer_chat_template_is_used_for_tasks(tok):
     assert rec["prompt"][0] == {"role": "system", "content": "Be brief."}
     assert rec["completion"] == [{"role": "assistant", "content": "Paris"}]
     enc = f.encode(rec)
-    # The assistant turn (answer, end-of-turn, newline) plus EOS is supervised; the rest is not.
-    assert supervised_text(tok2, enc) == "Paris<|im_end|>\n" + tok2.eos_token
+    # The assistant turn (answer, end-of-turn, newline) is supervised, the rest is not; the template's own
+    # end-of-turn token ends the reply (no EOS after it), and it stops generation beside EOS.
+    assert supervised_text(tok2, enc) == "Paris<|im_end|>\n"
+    assert f.stop_ids == [tok2.eos_token_id, tok2.convert_tokens_to_ids("<|im_end|>")]
     assert f.prompt_text(ROWS["qa"]).endswith("<|im_start|>assistant\n")
 
 
@@ -169,3 +171,73 @@ def test_sentiment_label_outside_the_set_is_dropped(tok):
     f = make(tok, "sentiment")
     _, reason = f.fields(RawRow({"text": "ok", "label": "neutral"}, "x:1"))
     assert "not in the label set" in reason
+
+
+# Chat templates of the real families (faithful small copies in tests/architectures.py), each with a
+# system message and two assistant turns: the supervised tokens are exactly each reply and the token(s)
+# its template closes the turn with, whether the template renders a growing prefix or not.
+CONVERSATION = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "hi there"},
+                {"role": "assistant", "content": "hello friend"}, {"role": "user", "content": "bye now"},
+                {"role": "assistant", "content": "goodbye pal"}]
+CHAT_STYLES = {
+    # arch: (supervised spans, examples, note)
+    "qwen2": (["hello friend<|im_end|>\n", "goodbye pal<|im_end|>\n"], 1, None),
+    "llama": (["hello friend<|eot_id|>", "goodbye pal<|eot_id|>"], 1, None),
+    # Qwen3 drops earlier turns' reasoning and Phi-3 ends a conversation with EOS: one example per turn.
+    "qwen3": (["<think>\n\n</think>\n\nhello friend<|im_end|>\n", "<think>\n\n</think>\n\ngoodbye pal<|im_end|>\n"],
+              2, "split"),
+    "phi3": (["hello friend<|end|>\n<|endoftext|>", "goodbye pal<|end|>\n<|endoftext|>"], 2, "split"),
+    # Gemma rejects the system role: it is folded into the first user turn.
+    "gemma2": (["hello friend<end_of_turn>\n", "goodbye pal<end_of_turn>\n"], 1, "folded"),
+    "gpt2": (["hello friend<|endoftext|>\n", "goodbye pal<|endoftext|>\n"], 1, None),  # the fallback template
+}
+
+
+def _supervised_spans(tok, example) -> list[str]:
+    spans, current = [], []
+    for i, label in zip(example["input_ids"], example["labels"]):
+        if label != IGNORE:
+            current.append(i)
+        elif current:
+            spans.append(current)
+            current = []
+    return [tok.decode(s) for s in spans + ([current] if current else [])]
+
+
+@pytest.mark.parametrize("arch", CHAT_STYLES)
+def test_chat_supervises_each_reply_and_its_end_of_turn_for_every_template_style(arch):
+    from architectures import ARCHS, TEMPLATES, build_tokenizer
+
+    from adapterkit.data.formatter import FOLDED_SYSTEM, SPLIT_TURNS
+
+    tok = build_tokenizer(arch)
+    tok.pad_token = tok.pad_token or tok.eos_token
+    f = Formatter.for_training(DataConfig(task="chat"), tok, [])
+    examples, report = encode_rows([RawRow({"messages": CONVERSATION}, "x:1")], f, "train", "x")
+    spans, n, note = CHAT_STYLES[arch]
+    assert [s for e in examples for s in _supervised_spans(tok, e)] == spans and len(examples) == n
+    assert report.eos_supervised == 1 and report.dropped == {}
+    assert dict(report.notes) == ({FOLDED_SYSTEM: 1} if note == "folded" else {SPLIT_TURNS: 1} if note == "split"
+                                  else {})
+    end = TEMPLATES[ARCHS[arch]["chat"]][3]
+    if end and end != tok.eos_token:  # the template's own end of turn stops generation too
+        assert f.stop_ids == [tok.eos_token_id, tok.convert_tokens_to_ids(end)]
+    # Evaluation asks for the last reply after the conversation so far, rendered as at inference.
+    record = f.record({"messages": CONVERSATION})
+    prompt, reference = f.split_for_eval(record)
+    assert tok.decode(reference) == spans[-1]
+    asked = tok.apply_chat_template(record["messages"][:-1], tokenize=False, add_generation_prompt=True)
+    assert prompt == tok(asked, add_special_tokens=False).input_ids
+
+
+def test_a_template_error_drops_the_row_with_its_reason_never_a_traceback():
+    from architectures import build_tokenizer
+
+    tok = build_tokenizer("gemma2")
+    f = Formatter.for_training(DataConfig(task="chat"), tok, [])
+    bad = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}, {"role": "assistant", "content": "c"}]
+    examples, report = encode_rows([RawRow({"messages": bad}, "x:1"), RawRow({"messages": CONVERSATION}, "x:2")],
+                                   f, "train", "x")
+    assert len(examples) == 1
+    assert report.dropped == {"the chat template rejects the conversation (Conversation roles must alternate "
+                              "user/assistant/user/assistant/...)": 1}

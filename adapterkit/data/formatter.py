@@ -25,6 +25,17 @@ from adapterkit.data.tasks import TASKS, TaskSpec
 from adapterkit.errors import DataError, Problem, did_you_mean
 
 IGNORE = -100
+FOLDED_SYSTEM = "system message folded into the first user turn (the chat template rejects the system role)"
+SPLIT_TURNS = ("conversation split into one example per assistant turn (the chat template rewrites earlier turns, "
+               "so they do not render as a growing prefix)")
+
+
+class TemplateRejected(Exception):
+    """The chat template cannot render this conversation (it raised, or renders it inconsistently)."""
+
+
+class _NotGrowing(Exception):
+    """The chat template does not render this conversation as a growing prefix."""
 
 # Used for `chat` data when the tokenizer has no chat template; saved with the model so inference
 # renders conversations the same way.
@@ -76,6 +87,8 @@ class DataReport:
     tokens: int = 0
     supervised_tokens: int = 0
     labels: Counter = field(default_factory=Counter)
+    notes: Counter = field(default_factory=Counter)
+    """Rows the formatter had to adapt to the chat template, by what it did."""
 
     def summary(self) -> str:
         dropped = sum(self.dropped.values())
@@ -86,13 +99,15 @@ class DataReport:
                      f"{self.eos_supervised} rows)")
         for reason, n in sorted(self.dropped.items()):
             text += f"\n    dropped {n}: {reason}"
+        for note, n in sorted(self.notes.items()):
+            text += f"\n    {n} rows: {note}"
         if self.labels:
             text += "\n    labels: " + ", ".join(f"{k} {v}" for k, v in sorted(self.labels.items()))
         return text
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
-        out["dropped"], out["labels"] = dict(self.dropped), dict(self.labels)
+        out["dropped"], out["labels"], out["notes"] = dict(self.dropped), dict(self.labels), dict(self.notes)
         return out
 
 
@@ -126,6 +141,57 @@ class Formatter:
         without = tokenizer("a", add_special_tokens=False).input_ids
         # Tokens the tokenizer puts in front of plain text (usually BOS); kept in plain mode.
         self.prefix_ids = with_special[: len(with_special) - len(without)] if with_special[-len(without):] == without else []
+        self.notes: Counter = Counter()
+        self.folds_system = False
+        self.end_of_turn: int | None = None
+        """The special token that closes an assistant turn in the chat template, when it is not EOS
+        (Gemma's <end_of_turn>, Phi-3's <|end|>, Llama 3's <|eot_id|>): supervised, and a stop token."""
+        if spec.mode == "chat_template" and getattr(tokenizer, "chat_template", None):
+            self.folds_system = self._rejects_system()
+            self.end_of_turn = self._end_of_turn()
+
+    @property
+    def stop_ids(self) -> list[int]:
+        """Token ids that end a reply: EOS, and the template's end-of-turn token if it has its own."""
+        eos = self.tokenizer.eos_token_id
+        return [eos] + ([self.end_of_turn] if self.end_of_turn is not None else [])
+
+    def _rejects_system(self) -> bool:
+        """Whether the chat template refuses a system message but renders the same conversation without it
+        (Gemma's templates raise 'System role not supported')."""
+        from jinja2 import TemplateError
+
+        probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+        try:
+            self.tokenizer.apply_chat_template([{"role": "system", "content": "Be brief."}, *probe], tokenize=False)
+            return False
+        except TemplateError:
+            pass
+        try:
+            self.tokenizer.apply_chat_template(probe, tokenize=False)
+        except TemplateError as e:
+            raise DataError(Problem("chat template", f"cannot render a plain user/assistant exchange: {e}",
+                                    fix="use a tokenizer whose chat template renders user and assistant turns")) from None
+        return True
+
+    def _end_of_turn(self) -> int | None:
+        """The first special token the template puts after an assistant reply, if it is not EOS."""
+        user = [{"role": "user", "content": "Hi"}]
+        try:
+            before = self._render(user, generation_prompt=True)
+            after = self._render(user + [{"role": "assistant", "content": "Hello"}])
+        except TemplateRejected:
+            return None
+        if not after.startswith(before):
+            return None
+        tok = self.tokenizer
+        special = set(tok.all_special_ids) | {i for i, t in tok.added_tokens_decoder.items() if t.special}
+        tail = after[len(before):]
+        tail = tail[tail.find("Hello") + len("Hello"):] if "Hello" in tail else tail
+        for i in tok(tail, add_special_tokens=False).input_ids:
+            if i in special:
+                return None if i == tok.eos_token_id else i
+        return None
 
     @classmethod
     def for_training(cls, cfg: DataConfig, tokenizer: Any, labels: list[str], conversational: bool = False
@@ -211,7 +277,7 @@ class Formatter:
             messages = list(row["messages"])
             if self.spec.system_prompt and messages[0]["role"] != "system":
                 messages.insert(0, {"role": "system", "content": self.spec.system_prompt})
-            return {"messages": messages}
+            return {"messages": self._fold(messages)}
         prompt, reply = self._prompt(row)
         if kind == "preference":
             return {"prompt": prompt, "chosen": reply(row["chosen"]), "rejected": reply(row["rejected"])}
@@ -234,13 +300,40 @@ class Formatter:
             return prompt, lambda text: sep + text
         if self.spec.system_prompt and messages[0]["role"] != "system":
             messages.insert(0, {"role": "system", "content": self.spec.system_prompt})
-        return messages, lambda text: [{"role": "assistant", "content": text}]
+        return self._fold(messages), lambda text: [{"role": "assistant", "content": text}]
+
+    def _fold(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Messages the template can render: where it rejects the system role, each system message is
+        put in front of the next user message (or becomes a user message if none follows)."""
+        if not self.folds_system or not any(m["role"] == "system" for m in messages):
+            return messages
+        self.notes[FOLDED_SYSTEM] += 1
+        out: list[dict[str, Any]] = []
+        pending: list[str] = []
+        for m in messages:
+            if m["role"] == "system":
+                pending.append(m["content"])
+            elif m["role"] == "user" and pending:
+                out.append({"role": "user", "content": "\n\n".join([*pending, m["content"]])})
+                pending = []
+            else:
+                if pending:
+                    out.append({"role": "user", "content": "\n\n".join(pending)})
+                    pending = []
+                out.append(m)
+        if pending:
+            out.append({"role": "user", "content": "\n\n".join(pending)})
+        return out
 
     def split_for_eval(self, record: dict[str, Any]) -> tuple[list[int], list[int]]:
         """(prompt ids, reference ids) of a record, the prompt tokenized exactly as in training.
 
         The reference is the last supervised piece (the completion, or the last assistant turn) with
         its EOS; everything before it is the prompt. Raw text is split in the middle of its tokens."""
+        if "messages" in record:  # the last assistant turn is the reference, everything before it the prompt
+            messages = record["messages"]
+            last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+            record = {"prompt": messages[:last], "completion": [messages[last]]}
         pieces = self._pieces(record)
         if "text" in record:
             ids = [i for piece, _ in pieces for i in piece]
@@ -255,7 +348,7 @@ class Formatter:
         rec = self.record(row)
         if self.spec.mode == "plain":
             return rec["prompt"]
-        return self.tokenizer.apply_chat_template(rec["prompt"], tokenize=False, add_generation_prompt=True)
+        return self._render(rec["prompt"], generation_prompt=True)
 
     def _user_text(self, row: dict[str, Any]) -> str:
         if self.spec.template:
@@ -273,22 +366,55 @@ class Formatter:
             return [(record["text"], True)]
         if self.spec.mode == "plain":
             return [(record["prompt"], False), (record["completion"], True)]
-        messages = record.get("messages") or record["prompt"] + record["completion"]
-        return self._chat_segments(messages)
+        if "messages" in record:
+            return self._chat_segments(record["messages"])
+        # A conversational prompt and its reply: only the reply is supervised, as it follows the prompt
+        # rendered with the generation prompt (exactly what the model is given at inference).
+        before = self._render(record["prompt"], generation_prompt=True)
+        after = self._render(record["prompt"] + record["completion"])
+        if not after.startswith(before):
+            raise TemplateRejected("it renders the reply's turn differently from the prompt with "
+                                   "add_generation_prompt, so the reply cannot be located")
+        return [(text, sup) for text, sup in [(before, False), (after[len(before):], True)] if text]
+
+    def examples(self, record: dict[str, Any]) -> list[dict[str, Any]]:
+        """The training examples of one record: itself, or, for a conversation the chat template does not
+        render as a growing prefix (Qwen3 drops earlier turns' reasoning, Phi-3 ends a conversation with
+        EOS), one prompt/completion example per assistant turn, each rendered as at inference."""
+        if "messages" not in record or self.spec.mode != "chat_template":
+            return [record]
+        try:
+            self._chat_segments(record["messages"])
+            return [record]
+        except _NotGrowing:
+            pass
+        self.notes[SPLIT_TURNS] += 1
+        messages = record["messages"]
+        return [{"prompt": messages[:i], "completion": [m]} for i, m in enumerate(messages)
+                if m["role"] == "assistant" and i > 0]
+
+    def _render(self, messages: list[dict[str, Any]], generation_prompt: bool = False) -> str:
+        from jinja2 import TemplateError
+
+        try:
+            return self.tokenizer.apply_chat_template(self._fold(messages), tokenize=False,
+                                                      add_generation_prompt=generation_prompt)
+        except TemplateError as e:
+            raise TemplateRejected(str(e)) from None
 
     def _chat_segments(self, messages: list[dict[str, str]]) -> list[tuple[str, bool]]:
-        render = self.tokenizer.apply_chat_template
+        """Every assistant turn supervised, found by rendering the conversation turn by turn: the text
+        up to a turn with the generation prompt, then with the turn. Raises _NotGrowing if the template
+        does not render the conversation as a growing prefix."""
         segments: list[tuple[str, bool]] = []
         done = ""
         for i, message in enumerate(messages):
             if message["role"] != "assistant":
                 continue
-            before = render(messages[:i], tokenize=False, add_generation_prompt=True)
-            after = render(messages[: i + 1], tokenize=False)
+            before = self._render(messages[:i], generation_prompt=True)
+            after = self._render(messages[: i + 1])
             if not before.startswith(done) or not after.startswith(before):
-                raise DataError(Problem("chat template", "does not render a conversation as a growing prefix, so "
-                                        "assistant turns cannot be located",
-                                        fix="use a tokenizer whose chat template renders turns incrementally"))
+                raise _NotGrowing()
             segments += [(before[len(done):], False), (after[len(before):], True)]
             done = after
         return [(text, sup) for text, sup in segments if text]
@@ -301,7 +427,7 @@ class Formatter:
         pieces = [(list(self.prefix_ids), False)] if self.spec.mode == "plain" and self.prefix_ids else []
         for text, supervised in self.segments(record):
             piece = tok(text, add_special_tokens=False).input_ids
-            if supervised and eos not in piece:
+            if supervised and not any(i in piece for i in self.stop_ids):
                 piece = piece + [eos]
             pieces.append((piece, supervised))
         return pieces
@@ -379,6 +505,8 @@ def encode_rows(rows: list[RawRow], formatter: Formatter, split: str, source: st
     limit = formatter.spec.max_length
     examples: list[dict] = []
     seen: set[str] = set()
+    notes_before = Counter(formatter.notes)
+    stop = set(formatter.stop_ids)
     for raw in rows:
         fields, reason = formatter.fields(raw)
         if fields is None and reason.startswith("label not in") and split == "eval":
@@ -395,20 +523,26 @@ def encode_rows(rows: list[RawRow], formatter: Formatter, split: str, source: st
             report.dropped["duplicate of an earlier row"] += 1
             continue
         seen.add(key)
-        enc = formatter.encode(record)
-        chunks = [(enc.input_ids[i:i + limit], enc.labels[i:i + limit]) for i in range(0, len(enc.input_ids), limit)]
-        supervised = sum(lbl != IGNORE for lbl in enc.labels)
+        try:
+            encoded = [formatter.encode(one) for one in formatter.examples(record)]
+        except TemplateRejected as e:
+            report.dropped[f"the chat template rejects the conversation ({e})"] += 1
+            continue
+        supervised = sum(lbl != IGNORE for enc in encoded for lbl in enc.labels)
         if supervised == 0:
             report.dropped[f"no supervised token within max_length={limit}"] += 1
             continue
-        report.truncated += enc.truncated
-        report.eos_supervised += formatter.tokenizer.eos_token_id in [lbl for lbl in enc.labels if lbl != IGNORE]
-        report.tokens += len(enc.input_ids)
+        report.truncated += any(enc.truncated for enc in encoded)
+        report.eos_supervised += all(any(lbl in stop for lbl in enc.labels if lbl != IGNORE) for enc in encoded)
+        report.tokens += sum(len(enc.input_ids) for enc in encoded)
         report.supervised_tokens += supervised
         if formatter.task.name == "sentiment":
             report.labels[fields["label"]] += 1
-        for ids, labels in chunks:
-            if any(lbl != IGNORE for lbl in labels):
-                examples.append({"input_ids": ids, "labels": labels})
+        for enc in encoded:
+            for i in range(0, len(enc.input_ids), limit):
+                ids, labels = enc.input_ids[i:i + limit], enc.labels[i:i + limit]
+                if any(lbl != IGNORE for lbl in labels):
+                    examples.append({"input_ids": ids, "labels": labels})
     report.examples = len(examples)
+    report.notes = formatter.notes - notes_before
     return examples, report

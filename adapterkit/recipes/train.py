@@ -536,7 +536,8 @@ def save_final(trainer: Any, tokenizer: Any, formatter: Formatter, out: Path) ->
 
     model = trainer.model
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    base.generation_config.eos_token_id = tokenizer.eos_token_id
+    stops = formatter.stop_ids  # EOS, and the chat template's end-of-turn token where it has its own
+    base.generation_config.eos_token_id = stops if len(stops) > 1 else stops[0]
     base.generation_config.pad_token_id = tokenizer.pad_token_id
     main = trainer.is_world_process_zero()
     # One temp dir, made by the main process: with FSDP or DeepSpeed every process saves into it.
