@@ -143,7 +143,14 @@ class DataConfig:
     columns: dict[str, str] = field(default_factory=dict)
     """Map from the task's field names to your column names, e.g. `{text: review, label: stars}`."""
     max_length: int = 512
-    """Longest example in tokens; longer ones are cut at the end (and dropped if nothing supervised is left)."""
+    """Longest example in tokens; see `truncation` for what happens to longer ones."""
+    truncation: Literal["input", "end", "drop"] = "input"
+    """For examples longer than max_length. `input`: keep the completion whole and shorten the task's long
+    input field (qa: context, around the answer where it occurs; summarization: document; translation:
+    source; generation: input, then instruction; sentiment: text), marking the cut with "…"; a row is
+    dropped only when the completion alone cannot fit. `end`: cut the example at max_length (rows left
+    with no supervised token are dropped). `drop`: drop every longer example. Chat and raw text are
+    never shortened this way: conversations are cut at the end, raw text is split into chunks."""
     packing: bool | Literal["auto"] = "auto"
     """Pack several examples into each sequence of up to max_length tokens: no padding, and attention
     never crosses two examples. `auto`: on, except for soft prompts (which cannot pack)."""

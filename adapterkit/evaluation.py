@@ -80,6 +80,10 @@ def build_examples(rows: list[RawRow], formatter: Formatter, limit: int | None, 
             skipped[reason] += 1
             continue
         try:
+            fields, fitted, _ = formatter.fit(fields)  # a long input is shortened as in training
+            if fitted == "too_long":
+                skipped[f"the completion alone does not fit max_length={formatter.spec.max_length}"] += 1
+                continue
             prompt, reference = formatter.split_for_eval(formatter.record(fields))
         except TemplateRejected as e:
             skipped[f"the chat template rejects the conversation ({e})"] += 1

@@ -30,7 +30,7 @@ from typing import Any, Callable
 import torch
 
 from adapterkit import models, rundir
-from adapterkit.adapters import METHODS, MethodSpec
+from adapterkit.adapters import METHODS, MethodSpec, soft_prompt
 from adapterkit.config import dump_recipe
 from adapterkit.data.formatter import Formatter, TemplateRejected
 from adapterkit.data.loading import read_rows
@@ -127,6 +127,7 @@ def parity_batch(trained: Trained, rows: int = ROWS) -> ParityBatch:
             if fields is None:
                 continue
             try:
+                fields, fitted, _ = formatter.fit(fields)
                 prompt, reference = formatter.split_for_eval(formatter.record(fields))
             except TemplateRejected:
                 continue
@@ -419,7 +420,7 @@ def _load_adapter(trained: Trained, tmp: Path) -> Any:
 
     model, trained.model = trained.model, None
     base = model.unload() if trained.method.family == "lora" else model.get_base_model()
-    return PeftModel.from_pretrained(base, str(tmp), is_trainable=False)
+    return soft_prompt.fix_generation(PeftModel.from_pretrained(base, str(tmp), is_trainable=False))
 
 
 def _parity_fix(method: MethodSpec, base: str | None, dtype: str) -> str:

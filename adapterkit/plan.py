@@ -153,6 +153,16 @@ def _meta_model(config: Any, trust_remote_code: bool) -> Any:
         return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 
 
+def _kv_heads(text: Any, heads: int) -> int:
+    """Key/value heads: GQA configs name them; multi-query Falcon (Falcon-7B) caches one."""
+    if getattr(text, "multi_query", False) and not getattr(text, "new_decoder_architecture", False):
+        return 1
+    for name in ("num_key_value_heads", "num_kv_heads"):
+        if getattr(text, name, None) is not None:
+            return int(getattr(text, name))
+    return heads
+
+
 def _is_linear(module: Any) -> bool:
     from transformers.pytorch_utils import Conv1D
 
@@ -195,8 +205,8 @@ def architecture(config: Any, trust_remote_code: bool = False, name: str = "") -
     return Architecture(
         name=name or getattr(config, "_name_or_path", "") or type(config).__name__,
         vocab=size("vocab_size"), hidden=hidden, layers=size("num_hidden_layers", "n_layer"), heads=heads,
-        kv_heads=size("num_key_value_heads", default=heads), head_dim=size("head_dim", default=hidden // heads),
-        intermediate=size("intermediate_size", "n_inner", "ffn_dim", default=4 * hidden),
+        kv_heads=_kv_heads(text, heads), head_dim=size("head_dim", default=hidden // heads),
+        intermediate=size("intermediate_size", "n_inner", "ffn_dim", "ffn_hidden_size", default=4 * hidden),
         parameters=sum(p.numel() for p in model.parameters()),
         decoder_linear=sum(m.weight.numel() for _, m in linears),
         quantized=sum(quantized), quantized_matrices=len(quantized),
@@ -226,7 +236,7 @@ def trainable(config: Any, adapter: Any, trust_remote_code: bool = False) -> Tra
 
         # A text-initialised prompt has the same shape as a random one; the tokenizer is not needed here.
         shaped = dataclasses.replace(adapter, prompt=dataclasses.replace(adapter.prompt, init_text=None))
-        model = get_peft_model(model, peft_config(shaped, None))
+        model = get_peft_model(model, peft_config(shaped, None, config))
         adapted = ()
         what = f"{adapter.prompt.num_virtual_tokens} virtual tokens ({adapter.method})"
     return Trainable(tuple(p.numel() for p in model.parameters() if p.requires_grad), adapted, what)

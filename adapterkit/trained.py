@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from adapterkit import models, rundir
-from adapterkit.adapters import METHODS, MethodSpec
+from adapterkit.adapters import METHODS, MethodSpec, soft_prompt
 from adapterkit.config import ModelConfig, Recipe, load_recipe
 from adapterkit.data.formatter import FormatSpec
 from adapterkit.errors import AdapterkitError, Problem
@@ -112,7 +112,7 @@ def load_trained(path: str | Path, dev: torch.device | None = None, dtype: torch
     base = models.load_model(model_cfg, base_source, dtype, quant, dev)
     if quant is None:
         base = base.to(dev)
-    model = PeftModel.from_pretrained(base, str(model_dir), is_trainable=False)
+    model = soft_prompt.fix_generation(PeftModel.from_pretrained(base, str(model_dir), is_trainable=False))
     model.eval()
     return Trained(model, tokenizer, model_dir, run_dir, recipe, manifest, spec, method, base_source, dtype)
 

@@ -155,6 +155,7 @@ def overrides_for(model_dir: Path, data: Path, method: str, seq: int, batch: int
                   ) -> list[str]:
     return [f"model.name_or_path={model_dir}", f"adapter.method={method}", "data.task=generation",
             f"data.train={data}", "data.eval=null", "data.packing=false", f"data.max_length={seq}",
+            "data.truncation=end",  # the long row must fill max_length exactly, as the plan assumes
             f"train.batch_size={batch}",
             "train.max_steps=2", "train.save_every=null", "train.log_every=1", f"output_dir={out}", *extra]
 

@@ -193,6 +193,7 @@ def run_adapterkit(model_dir: Path, data: Path, method: str, out: Path, meter: M
     recipe, src = load_recipe(RECIPES[method], [
         f"model.name_or_path={model_dir}", "data.task=generation", f"data.train={data}", "data.eval=null",
         "data.columns={instruction: prompt, output: completion}", f"data.max_length={MAX_LENGTH}",
+        "data.truncation=end",  # cut long rows at max_length as trl does, so both train the same tokens
         f"adapter.lora.r={LORA['r']}", f"adapter.lora.alpha={LORA['lora_alpha']}",
         f"adapter.lora.dropout={LORA['lora_dropout']}", f"train.lr={LR}", f"train.batch_size={BATCH}",
         "train.epochs=1", "train.save_every=null", "train.log_every=5", f"output_dir={out}", *extra])

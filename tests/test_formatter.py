@@ -156,7 +156,7 @@ def test_text_is_fully_supervised_and_chunked_not_cut(tok):
 
 
 def test_rows_without_supervised_tokens_are_dropped_and_counted(tok):
-    f = make(tok, "qa", max_length=40)
+    f = make(tok, "qa", max_length=40, truncation="end")
     rows = [RawRow({"question": "What is the capital of France and why is it Paris, really?",
                     "context": "Paris is the capital of France. " * 5, "answer": "Paris"}, "x:1"),
             RawRow({"question": "Who?", "context": "", "answer": "me"}, "x:2"),
@@ -241,3 +241,86 @@ def test_a_template_error_drops_the_row_with_its_reason_never_a_traceback():
     assert len(examples) == 1
     assert report.dropped == {"the chat template rejects the conversation (Conversation roles must alternate "
                               "user/assistant/user/assistant/...)": 1}
+
+
+# -- long inputs: data.truncation --------------------------------------------------------------------------
+
+LONG = " ".join(f"Filler sentence number {i} says nothing much." for i in range(60))
+
+
+@pytest.fixture
+def plain():
+    """A tokenizer without a chat template (the module's `tok` gets one from the chat tests)."""
+    return train_tokenizer(CORPUS, vocab_size=400)
+
+
+def _only(examples):
+    assert len(examples) == 1
+    return examples[0]
+
+
+def test_a_long_qa_context_is_shortened_around_the_answer_and_the_answer_stays_whole(plain):
+    f = make(plain, "qa", max_length=96)
+    row = {"question": "What is the capital of France?", "answer": "Paris is the capital",
+           "context": f"{LONG} Paris is the capital of France. {LONG}"}
+    examples, report = encode_rows([RawRow(row, "x:1")], f, "train", "x")
+    ex = _only(examples)
+    assert len(ex["input_ids"]) <= 96 and report.inputs_shortened == 1 and report.truncated == 0
+    assert report.dropped == {} and report.eos_supervised == 1
+    text = plain.decode(ex["input_ids"])
+    context = text.split("Context: ")[1].split("\n\nQuestion:")[0]
+    assert context.startswith("…") and context.endswith("…") and "Paris is the capital of France" in context
+    assert plain.decode([i for i, lbl in zip(ex["input_ids"], ex["labels"]) if lbl != IGNORE]) == \
+        " Paris is the capital" + plain.eos_token
+    assert text.rstrip(plain.eos_token).endswith("Question: What is the capital of France?\nAnswer: Paris is the capital")
+
+
+def test_a_long_document_keeps_its_start_and_is_marked_where_it_was_cut(plain):
+    f = make(plain, "summarization", max_length=80)
+    examples, report = encode_rows([RawRow({"document": LONG, "summary": "Nothing much."}, "x:1")], f, "train", "x")
+    ex = _only(examples)
+    document = plain.decode(ex["input_ids"]).split("Document: ")[1].split("\nSummary:")[0]
+    assert LONG.startswith(document.removesuffix("…")) and document.endswith("…") and len(ex["input_ids"]) <= 80
+    assert plain.decode([i for i, lbl in zip(ex["input_ids"], ex["labels"]) if lbl != IGNORE]).startswith(
+        " Nothing much.")
+
+
+def test_a_row_is_dropped_only_when_the_completion_alone_cannot_fit_and_the_fix_names_a_max_length(plain):
+    from adapterkit.recipes.train import too_many_dropped
+
+    f = make(plain, "summarization", max_length=64)
+    rows = [RawRow({"document": LONG, "summary": f"Short summary {i}."}, f"x:{i}") for i in range(8)]
+    rows += [RawRow({"document": "Tiny.", "summary": LONG[: 60 * (i + 1)]}, f"y:{i}") for i in range(2)]
+    examples, report = encode_rows(rows, f, "train", "x")
+    assert len(examples) == 8 and report.inputs_shortened == 8
+    assert report.dropped == {"the completion alone does not fit max_length=64": 2}
+    problem = too_many_dropped(report, DataConfig(task="summarization", max_length=64), "x")
+    needed = sorted(report.needed)
+    assert f"raise data.max_length: {needed[-1]} keeps 95% of the rows" in problem.fix
+    # That max_length really keeps every row.
+    g = make(plain, "summarization", max_length=needed[-1])
+    assert len(encode_rows(rows, g, "train", "x")[0]) == 10
+
+
+def test_truncation_end_cuts_at_max_length_and_drop_drops(plain):
+    row = RawRow({"question": "What is it?", "answer": "Paris", "context": LONG}, "x:1")
+    end = make(plain, "qa", max_length=64, truncation="end")
+    examples, report = encode_rows([row], end, "train", "x")
+    assert examples == [] and report.dropped == {"no supervised token within max_length=64": 1}
+    drop = make(plain, "qa", max_length=64, truncation="drop")
+    examples, report = encode_rows([row, RawRow(ROWS["qa"], "x:2")], drop, "train", "x")
+    assert len(examples) == 1 and report.dropped == {"longer than max_length=64 (data.truncation: drop)": 1}
+
+
+def test_real_squad_rows_train_whole_under_the_shipped_qlora_qa_settings(plain):
+    """The shipped qlora-qa recipe (max_length 256) on 100 real SQuAD rows used to refuse to train (56 rows
+    dropped): with data.truncation: input every row trains, its context cut around the answer."""
+    from conftest import shared_data
+
+    from adapterkit.data.loading import read_rows
+
+    rows = read_rows(str(shared_data("qa", "train.jsonl")), "train", "data.train")[:100]
+    f = make(plain, "qa", max_length=256)
+    examples, report = encode_rows(rows, f, "train", "qa")
+    assert report.dropped == {} and len(examples) == 100 and report.inputs_shortened > 0
+    assert all(len(e["input_ids"]) <= 256 for e in examples) and report.eos_supervised == 100

@@ -60,6 +60,12 @@ def load_saved(method: str, out, tiny_model_dir):
                                                              bnb_4bit_compute_dtype=torch.float32),
                       device_map={"": "cpu"})
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, **kwargs)
+    if method == "qlora":
+        # Pin bitsandbytes' exact 4-bit path: on AVX512-BF16 CPUs its eval forward would otherwise repack
+        # the weights and compute with bf16 scales (README: QLoRA on a CPU), which is not what trained.
+        from adapterkit.models import standard_4bit_layout
+
+        standard_4bit_layout(base)
     return PeftModel.from_pretrained(base, out / "model")
 
 

@@ -15,6 +15,7 @@ comparing token ids with the pad id, so a pad token equal to EOS cannot mask EOS
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -60,6 +61,8 @@ class FormatSpec:
     train_on_prompt: bool = False
     max_length: int = 512
     chat_template: str | None = None
+    truncation: str = "input"
+    """data.truncation: input | end | drop."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, ensure_ascii=False)
@@ -82,6 +85,11 @@ class DataReport:
     examples: int = 0
     dropped: Counter = field(default_factory=Counter)
     truncated: int = 0
+    """Examples cut at max_length (data.truncation: end, and conversations)."""
+    inputs_shortened: int = 0
+    """Examples whose long input field was shortened so that the completion fits whole (truncation: input)."""
+    needed: list[int] = field(default_factory=list, repr=False)
+    """The fewest tokens each kept or length-dropped row needs (its input shortened as far as allowed)."""
     eos_supervised: int = 0
     """Examples whose completion ends in a supervised EOS (all of them but the truncated ones)."""
     tokens: int = 0
@@ -92,8 +100,9 @@ class DataReport:
 
     def summary(self) -> str:
         dropped = sum(self.dropped.values())
+        cut = f", {self.inputs_shortened} inputs shortened to fit" if self.inputs_shortened else ""
         text = (f"{self.split}: {self.rows_read} rows from {self.source} -> {self.examples} examples "
-                f"({dropped} dropped, {self.truncated} truncated)")
+                f"({dropped} dropped, {self.truncated} truncated{cut})")
         if self.tokens:  # preference data is tokenized by trl, so it has no token counts here
             text += (f", {self.tokens:,} tokens ({self.supervised_tokens:,} supervised; EOS supervised in "
                      f"{self.eos_supervised} rows)")
@@ -108,7 +117,15 @@ class DataReport:
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["dropped"], out["labels"], out["notes"] = dict(self.dropped), dict(self.labels), dict(self.notes)
+        out.pop("needed")
         return out
+
+    def max_length_keeping(self, share: float) -> int | None:
+        """The smallest max_length at which `share` of the rows measured would fit (None: none measured)."""
+        if not self.needed:
+            return None
+        ordered = sorted(self.needed)
+        return ordered[min(len(ordered) - 1, max(0, math.ceil(share * len(ordered)) - 1))]
 
 
 def _text(value: Any) -> str | None:
@@ -207,7 +224,7 @@ class Formatter:
         mode = "chat_template" if (has_template or conversational) and task.kind != "text" else "plain"
         spec = FormatSpec(task=cfg.task, mode=mode, labels=labels, template=cfg.template,
                           system_prompt=cfg.system_prompt, train_on_prompt=cfg.train_on_prompt,
-                          max_length=cfg.max_length, chat_template=chat_template)
+                          max_length=cfg.max_length, chat_template=chat_template, truncation=cfg.truncation)
         return cls(spec, tokenizer, cfg.columns)
 
     # -- rows -> task fields -------------------------------------------------------------------
@@ -265,6 +282,58 @@ class Formatter:
         if self.task.name == "sentiment" and self.spec.labels and out["label"] not in self.spec.labels:
             return None, f"label not in the label set ({', '.join(self.spec.labels)})"
         return out, None
+
+    # -- fitting long inputs into max_length ------------------------------------------------------
+
+    MARK = "…"
+    """Put where a shortened input was cut."""
+
+    def fit(self, fields: dict[str, Any]) -> tuple[dict[str, Any], str, int | None]:
+        """(fields, what happened, fewest tokens the row needs) for `data.truncation: input`.
+
+        What happened: "fits" (unchanged), "shortened" (a long input field was cut so that the example,
+        completion whole, fits max_length) or "too_long" (even with the input fields cut away the
+        completion does not fit; the row should be dropped). Other truncation settings, and tasks
+        without long input fields, return the fields unchanged ("fits") with their full length."""
+        if not self.task.long_fields:  # chat, text, preference data: nothing to shorten, nothing to measure
+            return fields, "fits", None
+        length = self._length(fields)
+        limit = self.spec.max_length
+        if length <= limit or self.spec.truncation != "input":
+            return fields, "fits", length
+        out = dict(fields)
+        for name in self.task.long_fields:
+            text = out.get(name) or ""
+            if not text:
+                continue
+            ids = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            offsets = ids["offset_mapping"]
+            keep = len(offsets) - (length - limit) - 2  # room for the marks
+            for _ in range(4):  # tokens of a cut text do not add up exactly: adjust to the real length
+                out[name] = self._window(text, offsets, max(keep, 0), out) if keep > 0 else self.MARK
+                length = self._length(out)
+                if length <= limit or keep <= 0:
+                    break
+                keep -= length - limit
+            if length <= limit:
+                return out, "shortened", length
+        return fields, "too_long", length  # with every long field cut to its mark: the fewest it needs
+
+    def _window(self, text: str, offsets: list[tuple[int, int]], keep: int, fields: dict[str, Any]) -> str:
+        """`keep` tokens of `text` with "…" where it was cut: its start, or for a QA context the part
+        around the answer when the answer occurs in it."""
+        start = 0
+        answer = fields.get("answer") if self.task.name == "qa" else None
+        at = text.find(answer) if answer else -1
+        if at >= 0:
+            first = next((i for i, (a, b) in enumerate(offsets) if b > at), 0)
+            start = max(0, min(first - keep // 2, len(offsets) - keep))
+        end = min(len(offsets), start + keep)
+        piece = text[offsets[start][0]:offsets[end - 1][1]]
+        return (self.MARK if start > 0 else "") + piece + (self.MARK if end < len(offsets) else "")
+
+    def _length(self, fields: dict[str, Any]) -> int:
+        return sum(len(piece) for piece, _ in self._pieces(self.record(fields)))
 
     # -- task fields -> TRL vocabulary -----------------------------------------------------------
 
@@ -441,6 +510,8 @@ class Formatter:
             labels += piece if (supervised or self.spec.train_on_prompt) else [IGNORE] * len(piece)
         limit = self.spec.max_length
         truncated = len(ids) > limit and "text" not in record
+        if truncated and self.spec.truncation == "drop" and "messages" not in record:
+            return Encoded([], [], True)
         if truncated:
             ids, labels = ids[:limit], labels[:limit]
         return Encoded(ids, labels, truncated)
@@ -517,6 +588,15 @@ def encode_rows(rows: list[RawRow], formatter: Formatter, split: str, source: st
         if fields is None:
             report.dropped[reason] += 1
             continue
+        try:
+            fields, fitted, needed = formatter.fit(fields)
+        except TemplateRejected as e:
+            report.dropped[f"the chat template rejects the conversation ({e})"] += 1
+            continue
+        if fitted == "too_long":
+            report.needed.append(needed)
+            report.dropped[f"the completion alone does not fit max_length={limit}"] += 1
+            continue
         record = formatter.record(fields)
         key = json.dumps(record, sort_keys=True, ensure_ascii=False)
         if key in seen:
@@ -529,9 +609,15 @@ def encode_rows(rows: list[RawRow], formatter: Formatter, split: str, source: st
             report.dropped[f"the chat template rejects the conversation ({e})"] += 1
             continue
         supervised = sum(lbl != IGNORE for enc in encoded for lbl in enc.labels)
+        if needed is not None:
+            report.needed.append(needed)
+        if supervised == 0 and formatter.spec.truncation == "drop" and any(enc.truncated for enc in encoded):
+            report.dropped[f"longer than max_length={limit} (data.truncation: drop)"] += 1
+            continue
         if supervised == 0:
             report.dropped[f"no supervised token within max_length={limit}"] += 1
             continue
+        report.inputs_shortened += fitted == "shortened"
         report.truncated += any(enc.truncated for enc in encoded)
         report.eos_supervised += all(any(lbl in stop for lbl in enc.labels if lbl != IGNORE) for enc in encoded)
         report.tokens += sum(len(enc.input_ids) for enc in encoded)

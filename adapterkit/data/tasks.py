@@ -72,19 +72,24 @@ class TaskSpec:
     """Renders the request: the user message with a chat template, the prompt body without one."""
     cue: str = ""
     """Plain template only: the line that ends the prompt, e.g. `Answer:`; the completion follows a space."""
+    long_fields: tuple[str, ...] = ()
+    """Input fields that `data.truncation: input` may shorten, in order, to fit the completion whole."""
 
 
 TASKS: dict[str, TaskSpec] = {
     "qa": TaskSpec("qa", "prompt_completion", ("question", "answer", "context"), ("question", "answer"),
-                   target="answer", user=_qa, cue="Answer:"),
+                   target="answer", user=_qa, cue="Answer:", long_fields=("context",)),
     "summarization": TaskSpec("summarization", "prompt_completion", ("document", "summary"), ("document", "summary"),
-                              target="summary", user=_summarization, cue="Summary:"),
+                              target="summary", user=_summarization, cue="Summary:",
+                              long_fields=("document",)),
     "translation": TaskSpec("translation", "prompt_completion", ("source", "target", "source_lang", "target_lang"),
-                            ("source", "target"), target="target", user=_translation, cue="Translation:"),
+                            ("source", "target"), target="target", user=_translation, cue="Translation:",
+                            long_fields=("source",)),
     "generation": TaskSpec("generation", "prompt_completion", ("instruction", "output", "input"),
-                           ("instruction", "output"), target="output", user=_generation, cue="Response:"),
+                           ("instruction", "output"), target="output", user=_generation, cue="Response:",
+                           long_fields=("input", "instruction")),
     "sentiment": TaskSpec("sentiment", "prompt_completion", ("text", "label"), ("text", "label"),
-                          target="label", user=_sentiment, cue="Sentiment:"),
+                          target="label", user=_sentiment, cue="Sentiment:", long_fields=("text",)),
     "text": TaskSpec("text", "text", ("text",), ("text",)),
     "chat": TaskSpec("chat", "chat", ("messages",), ("messages",)),
     # Preference data (stages dpo and kto): a prompt and completions judged better or worse. `chosen` and

@@ -26,7 +26,7 @@ import torch
 
 from adapterkit import evaluation, models, rundir
 from adapterkit import plan as plan_mod
-from adapterkit.adapters import METHODS, MethodSpec, model_problems, trainable_parameters
+from adapterkit.adapters import METHODS, MethodSpec, model_problems, soft_prompt, trainable_parameters
 from adapterkit.adapters.lora import quantization_config
 from adapterkit.config import (
     Recipe,
@@ -186,7 +186,7 @@ def load_model(recipe: Recipe, start: Start, precision: str, dev: torch.device) 
         base = prepare_model_for_kbit_training(
             base, use_gradient_checkpointing=recipe.train.gradient_checkpointing is True,
             gradient_checkpointing_kwargs={"use_reentrant": False})
-    return PeftModel.from_pretrained(base, str(start.adapter_dir), is_trainable=True)
+    return soft_prompt.fix_generation(PeftModel.from_pretrained(base, str(start.adapter_dir), is_trainable=True))
 
 
 def _config(recipe: Recipe, out: Path, precision: str, dev: Any, has_eval: bool) -> Any:

@@ -82,12 +82,7 @@ def prepare_data(recipe: Recipe, tokenizer: Any, train_rows: list[RawRow] | None
         raise RuntimeError(f"formatter bug: only {train_report.eos_supervised} of {kept} rows supervise EOS")
     dropped = sum(train_report.dropped.values())
     if dropped > d.max_dropped * train_report.rows_read:
-        reasons = "; ".join(f"{n} {r}" for r, n in sorted(train_report.dropped.items()))
-        raise DataError(Problem(_describe(d.train), f"{dropped} of {train_report.rows_read} rows "
-                                f"({dropped / train_report.rows_read:.1%}) would be dropped: {reasons}",
-                                "data.max_dropped",
-                                fix=f"clean the data (see `adapterkit data preview`), or allow more with "
-                                    f"data.max_dropped={min(1.0, round(dropped / train_report.rows_read + 0.01, 2))}"))
+        raise DataError(too_many_dropped(train_report, d, _describe(d.train)))
     evaluation = None
     if d.eval is not None:
         evaluation, eval_report = encode_rows(read_rows(d.eval, d.eval_split, "data.eval"), formatter, "eval",
@@ -97,6 +92,25 @@ def prepare_data(recipe: Recipe, tokenizer: Any, train_rows: list[RawRow] | None
             raise DataError(Problem(_describe(d.eval), "no usable eval example", "data.eval",
                                     fix="check the eval file, or remove data.eval"))
     return formatter, train, evaluation, reports
+
+
+def too_many_dropped(report: DataReport, d: Any, source: str) -> Problem:
+    """The refusal when more than data.max_dropped of the rows would be dropped, with the fix that fits
+    the reasons: a max_length that keeps enough rows (from their real lengths) when length is why."""
+    dropped = sum(report.dropped.values())
+    reasons = "; ".join(f"{n} {r}" for r, n in sorted(report.dropped.items()))
+    by_length = sum(n for r, n in report.dropped.items() if "max_length" in r)
+    allow = f"data.max_dropped={min(1.0, round(dropped / report.rows_read + 0.01, 2))}"
+    fix = f"clean the data (see `adapterkit data preview`), or allow more with {allow}"
+    length = report.max_length_keeping(1 - d.max_dropped) if by_length else None
+    if length is not None and length > d.max_length:
+        full = report.max_length_keeping(1.0)
+        fix = (f"raise data.max_length: {length} keeps {1 - d.max_dropped:.0%} of the rows"
+               + (f", {full} keeps them all" if full and full > length else "")
+               + (" (data.truncation=input keeps completions whole and shortens inputs)"
+                  if d.truncation != "input" else "") + f"; or allow more with {allow}")
+    return Problem(source, f"{dropped} of {report.rows_read} rows ({dropped / report.rows_read:.1%}) would be "
+                   f"dropped: {reasons}", "data.max_dropped", fix=fix)
 
 
 def trainer_args(recipe: Recipe, out: Path, precision: str, dev: Any, has_eval: bool) -> dict[str, Any]:
