@@ -14,14 +14,15 @@ Errors in the user's input (AdapterkitError) are printed without a traceback and
 
 from __future__ import annotations
 
+import signal
 import sys
 import warnings
-from typing import Optional
+from typing import Any, Optional
 
 import click
 import typer
 
-from adapterkit.errors import AdapterkitError
+from adapterkit.errors import AdapterkitError, Interrupted
 
 app = typer.Typer(help="Fine-tune language models on one GPU (or a CPU): recipes for pretraining, LoRA, QLoRA, "
                        "soft prompts and full fine-tuning.", no_args_is_help=True, pretty_exceptions_show_locals=False,
@@ -30,6 +31,21 @@ recipe_app = typer.Typer(help="List, show and run recipes.", no_args_is_help=Tru
 data_app = typer.Typer(help="Look at data the way training will see it.", no_args_is_help=True)
 app.add_typer(recipe_app, name="recipe")
 app.add_typer(data_app, name="data")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from adapterkit import rundir
+
+        typer.echo("\n".join(f"{name} {version}" for name, version in rundir.versions().items()))
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                       help="Print the versions of adapterkit and the libraries it runs on.")) -> None:
+    """Fine-tune language models on one GPU (or a CPU): recipes for pretraining, LoRA, QLoRA, soft prompts and
+    full fine-tuning."""
 
 OVERRIDES = typer.Argument(None, help="Dotted overrides, e.g. train.max_steps=200 data.train=my.jsonl "
                                       "(values follow YAML rules: 1e-4, true, null).", show_default=False)
@@ -250,6 +266,22 @@ def _marked(tokenizer, ids: list[int], labels: list[int], ignore: int) -> str:
     return "".join(out)
 
 
+def _stop_cleanly_on_termination() -> None:
+    """SIGTERM and SIGHUP (a job scheduler, a closed terminal) stop a run the way Ctrl-C does: the manifest
+    says "interrupted" and the resume command is printed, instead of the process vanishing mid-run."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise Interrupted(signal.Signals(signum).name)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) in (signal.SIG_DFL, None):
+            signal.signal(sig, stop)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the CLI, turning user errors into a message and exit code 2."""
     # Deprecations inside the libraries we call are for us to fix, not for users to read.
@@ -257,18 +289,31 @@ def main(argv: list[str] | None = None) -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # adapterkit prints its own progress lines
+    _stop_cleanly_on_termination()
     try:
         code = app(args=argv, standalone_mode=False)
     except AdapterkitError as e:
         typer.echo(f"error: {e.render()}", err=True)
         sys.exit(e.exit_code)
-    except click.exceptions.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
-    except click.exceptions.Abort:
+    except Interrupted as e:  # SIGTERM/SIGHUP: a run has marked itself interrupted and said how to resume
+        typer.echo("aborted", err=True)
+        sys.exit(128 + getattr(signal, e.signal_name))
+    except (KeyboardInterrupt, click.exceptions.Abort):  # Ctrl-C, where typer does not turn it into exit 130
         typer.echo("aborted", err=True)
         sys.exit(130)
+    except Exception as e:
+        if not _usage_error(e):
+            raise
+        e.show()  # an unknown option, a missing or bad argument: the usage line and the error, exit 2
+        sys.exit(e.exit_code)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _usage_error(e: Exception) -> bool:
+    """Whether `e` is click's way of reporting bad command-line usage (typer vendors its own copy of click
+    from 0.2x on, so click.ClickException alone does not catch it)."""
+    package = type(e).__module__.split(".")[0]
+    return package in ("click", "typer") and hasattr(e, "show") and isinstance(getattr(e, "exit_code", None), int)
 
 
 if __name__ == "__main__":

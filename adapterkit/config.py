@@ -11,6 +11,7 @@ Defaults live here and only here; the shipped YAML files set what differs from t
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import string
 import types
@@ -347,6 +348,19 @@ def apply_overrides(source: RecipeSource, overrides: list[str]) -> None:
         raise ConfigError(problems)
 
 
+def _numbers(obj: Any, prefix: str = "") -> list[tuple[str, float]]:
+    """(dotted key, value) of every float in a recipe's config dataclasses."""
+    out = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            out += _numbers(value, key + ".")
+        elif isinstance(value, float):
+            out.append((key, value))
+    return out
+
+
 def packs(recipe: Recipe) -> bool:
     """Whether the run packs its examples (`data.packing`, with `auto` decided)."""
     if recipe.data.packing == "auto":
@@ -471,8 +485,13 @@ def _check(recipe: Recipe, src: RecipeSource) -> list[Problem]:
         problems.append(Problem(_where(src, key), message, key, fix))
 
     def at_least(key: str, value: float | None, low: float) -> None:
-        if value is not None and value < low:
+        if value is not None and math.isfinite(value) and value < low:
             bad(key, f"{value!r} is too small", f"use a value >= {low}")
+
+    # YAML reads .nan and .inf as floats: they pass every range check and fail only once training starts.
+    for key, value in _numbers(recipe):
+        if not math.isfinite(value):
+            bad(key, f"{value!r} is not a finite number", "use a finite number")
 
     m, a, d, t = recipe.model, recipe.adapter, recipe.data, recipe.train
     for key, value, low in [
@@ -611,9 +630,14 @@ def load_recipe(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) 
 
     path = find_recipe(name_or_path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
         raise ConfigError(Problem(str(path), "is not a UTF-8 text file", fix="pass a YAML recipe")) from None
+    if not any(line.strip() and not line.lstrip().startswith("#") for line in text.splitlines()):
+        # An empty file would otherwise train every default (the shipped samples) without a word.
+        raise ConfigError(Problem(str(path), "is empty (no key is set)",
+                                  fix="start from a shipped recipe: adapterkit recipe show lora-sentiment > "
+                                      f"{path.name}"))
     src = read_recipe_yaml(text, str(path), path.stem)
     apply_overrides(src, list(overrides))
     return parse_recipe(src), src

@@ -79,3 +79,12 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str | None:
     """The closest choice to `word`, phrased as a suggestion, or None."""
     match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     return f"did you mean '{match[0]}'?" if match else None
+
+
+class Interrupted(BaseException):
+    """A termination signal (SIGTERM, SIGHUP) turned into the same clean stop as Ctrl-C. Not a
+    KeyboardInterrupt, so that the CLI can exit with the signal's own code (typer maps Ctrl-C to 130)."""
+
+    def __init__(self, signal_name: str):
+        super().__init__(signal_name)
+        self.signal_name = signal_name

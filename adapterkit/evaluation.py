@@ -35,7 +35,7 @@ from adapterkit import rundir
 from adapterkit.config import EvalConfig
 from adapterkit.data.formatter import Formatter, TemplateRejected
 from adapterkit.data.loading import RawRow
-from adapterkit.errors import DataError, Problem
+from adapterkit.errors import AdapterkitError, DataError, Problem
 
 # Generation length per task when eval.max_new_tokens is not set: long enough for the references
 # these tasks have, short enough that a CPU evaluation stays minutes, not hours.
@@ -367,6 +367,18 @@ def _quote(text: str, limit: int = 600) -> str:
 
 # -- `adapterkit eval` ----------------------------------------------------------------------------------
 
+def _check_writable(out: Path) -> None:
+    """Refuse (exit 2) a report directory that cannot be written, naming the reason."""
+    import os
+
+    if out.exists() and not out.is_dir():
+        raise AdapterkitError(Problem("--out", f"'{out}' is a file", fix="choose a directory for the report"))
+    parent = next(p for p in [out, *out.parents] if p.exists())
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise AdapterkitError(Problem("--out", f"cannot write the report to '{out}': '{parent}' is not a writable "
+                                      "directory", fix="pass --out with a writable directory"))
+
+
 def evaluate_path(path: str, data: str | None = None, task: str | None = None, split: str | None = None,
                   columns: dict[str, str] | None = None, settings: dict[str, Any] | None = None,
                   out: Path | None = None, base: bool = True, say: Callable[..., None] = print) -> tuple[dict, Path]:
@@ -383,6 +395,12 @@ def evaluate_path(path: str, data: str | None = None, task: str | None = None, s
     from adapterkit.data.tasks import TASKS
     from adapterkit.trained import load_trained
 
+    from adapterkit.trained import locate
+
+    run_dir, model_dir = locate(path)
+    if out is None:
+        out = run_dir / "eval" if run_dir is not None else Path("evals") / model_dir.name
+    _check_writable(out)  # before any row is scored, not after
     trained = load_trained(path)
     recipe = trained.recipe
     if recipe is not None:
@@ -440,8 +458,6 @@ def evaluate_path(path: str, data: str | None = None, task: str | None = None, s
             start = models.load_model(recipe.model, trained.manifest["model_source"], trained.dtype)
             results["base"] = evaluate(start, examples, formatter, config, say, "base")
         results = {k: results[k] for k in ("base", "tuned") if k in results}
-    if out is None:
-        out = trained.run_dir / "eval" if trained.run_dir is not None else Path("evals") / trained.model_dir.name
     summary = compare(results, examples, formatter, skipped, config.worst)
     summary.update(model_path=str(trained.run_dir or trained.model_dir), data=source)
     loss = trained.run_dir / "loss.png" if trained.run_dir is not None else None

@@ -197,7 +197,7 @@ def export(path: str | Path, out: str | Path, merge: bool | None = None, dtype: 
         raise AdapterkitError(Problem(str(path), "is a model directory, not an adapterkit run: export checks parity "
                                       "on the run's own data and records its lineage",
                                       fix="pass the run's output_dir (the folder with manifest.json)"))
-    method = METHODS[json.loads((run_dir / rundir.MANIFEST).read_text())["method"]]
+    method = METHODS[rundir.read_manifest(run_dir)["method"]]
     out = Path(out).expanduser()
     _check_arguments(method, merge, dtype, base, out, force, run_dir)
     merging = method.family != "soft_prompt" if merge is None else merge
@@ -242,9 +242,14 @@ def export(path: str | Path, out: str | Path, merge: bool | None = None, dtype: 
                                parity)
         rundir.publish_dir(tmp, out)
         rundir.fsync_dir(out.parent)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        what = rundir.storage_error(e)
+        if what is None:
+            raise
+        raise AdapterkitError(Problem(str(out), f"could not write the export: {what}; nothing was written",
+                                      fix="free disk space (or choose an --out on another disk), then run the "
+                                          "export again")) from None
     say(f"parity ({'passed' if parity.passed else 'FAILED, written because of --force'}): {parity.summary()}")
     what = f"{method.name} adapter" if not merging else "merged model" if method.family == "lora" else "model"
     say(f"exported {what} ({target_name}) to {out}")

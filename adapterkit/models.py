@@ -109,6 +109,27 @@ def load_config(cfg: ModelConfig, source: str) -> Any:
         raise _hub_error("name_or_path", source, e) from None
 
 
+def max_positions(config: Any) -> int | None:
+    """The longest sequence the model's position embeddings cover, from its config (None: it does not say)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(text, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def length_problems(max_length: int, config: Any, extra: int = 0) -> list[Problem]:
+    """data.max_length (plus `extra` virtual tokens) against the positions the model has."""
+    limit = max_positions(config)
+    if limit is None or max_length + extra <= limit:
+        return []
+    virtual = f" plus {extra} virtual tokens" if extra else ""
+    return [Problem("data.max_length", f"{max_length}{virtual} is longer than the {limit} positions the model has "
+                    f"({type(config).__name__}: max_position_embeddings)",
+                    fix=f"use data.max_length={limit - extra} or less")]
+
+
 def count_parameters(config: Any, trust_remote_code: bool = False) -> int:
     """Parameters of a model, from its config alone (built on the meta device: no memory, no weights)."""
     from transformers import AutoModelForCausalLM
@@ -214,6 +235,11 @@ def load_model(cfg: ModelConfig, source: str, dtype: torch.dtype, quantization_c
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as e:
         raise _hub_error("name_or_path", source, e) from None
+    except Exception as e:
+        if type(e).__name__ != "SafetensorError":
+            raise
+        raise AdapterkitError(Problem("model.name_or_path", f"the weights of '{source}' are corrupt or cut short "
+                                      f"({str(e).strip()})", fix="download or copy the model again")) from None
     if quantization_config is not None:
         if not standard_4bit_layout(model):
             raise ConfigError(Problem("adapter.method", f"'qlora': transformers quantised no layer of "

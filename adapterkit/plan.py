@@ -409,6 +409,8 @@ def plan(recipe: Recipe, facts: ModelFacts, device: str = "cuda", padded: bool |
     a, t, arch = recipe.adapter, recipe.train, facts.arch
     method = METHODS[a.method]
     problems = model_problems(a.method, facts.config, arch.quantized_matrices)
+    problems += models.length_problems(recipe.data.max_length, facts.config,
+                                       a.prompt.num_virtual_tokens if a.method in ("prompt_tuning", "p_tuning") else 0)
     if problems:
         raise ConfigError(problems)
     if device == "cuda":

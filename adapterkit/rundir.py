@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -26,11 +27,11 @@ import time
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from transformers import TrainerCallback
 
-from adapterkit.errors import AdapterkitError, Problem
+from adapterkit.errors import AdapterkitError, Interrupted, Problem
 
 MANIFEST = "manifest.json"
 RUN_FILES = ("recipe.yaml", MANIFEST, "data_report.json", "train_log.jsonl", "loss.png", "checkpoints", "model",
@@ -75,12 +76,46 @@ def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint. Checkpoints are published by rename once fully written, so
-    every `checkpoint-N` is complete; half-written ones only ever exist under a `.staging-` name."""
-    found = [p for p in (run_dir / "checkpoints").glob("checkpoint-*")
-             if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").is_file()]
-    return max(found, key=lambda p: int(p.name.split("-")[-1])) if found else None
+def latest_checkpoint(run_dir: Path, loadable: bool = False) -> Path | None:
+    """The newest complete checkpoint (with `loadable`, the newest whose files also read back whole).
+    Checkpoints are published by rename once fully written, so every `checkpoint-N` is complete when
+    written; half-written ones only ever exist under a `.staging-` name. A file can still be damaged
+    later (a disk error, a copy cut short)."""
+    found = sorted((p for p in (run_dir / "checkpoints").glob("checkpoint-*")
+                    if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").is_file()),
+                   key=lambda p: int(p.name.split("-")[-1]), reverse=True)
+    for checkpoint in found:
+        if not loadable or checkpoint_problem(checkpoint) is None:
+            return checkpoint
+    return None
+
+
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """Why a checkpoint cannot be resumed from (a truncated or corrupt file), or None when every file
+    reads back: the trainer state as JSON, safetensors by their headers, torch's zip files by their CRCs."""
+    import zipfile
+
+    from safetensors import safe_open
+
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        return f"trainer_state.json is unreadable ({type(e).__name__}: {e})"
+    for f in sorted(checkpoint.iterdir()):
+        try:
+            if f.suffix == ".safetensors":
+                with safe_open(str(f), "pt") as weights:
+                    weights.keys()
+            elif f.suffix in (".pt", ".pth", ".bin") and zipfile.is_zipfile(f):
+                with zipfile.ZipFile(f) as z:
+                    bad = z.testzip()
+                if bad is not None:
+                    return f"{f.name} is corrupt ({bad} fails its checksum)"
+            elif f.suffix in (".pt", ".pth", ".bin"):
+                return f"{f.name} is not a complete torch file"
+        except Exception as e:  # safetensors raises its own error type for a cut-short file
+            return f"{f.name} is corrupt or cut short ({str(e).strip().splitlines()[0] if str(e) else type(e).__name__})"
+    return None
 
 
 def plan_output_dir(path: Path, recipe: dict[str, Any], data: dict[str, Any], force: bool = False,
@@ -94,7 +129,7 @@ def plan_output_dir(path: Path, recipe: dict[str, Any], data: dict[str, Any], fo
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise AdapterkitError(Problem("output_dir", f"cannot create '{path}': '{parent}' is not a writable directory",
                                       fix="choose another output_dir"))
-    if not path.is_dir() or not any(path.iterdir()):
+    if not path.is_dir() or not any(p.name != LOCK for p in path.iterdir()):
         return None
     if not (path / MANIFEST).is_file():
         if force:
@@ -103,11 +138,11 @@ def plan_output_dir(path: Path, recipe: dict[str, Any], data: dict[str, Any], fo
                                       fix="choose an empty or new output_dir (or pass --force to write into it)"))
     if restart:
         return None
-    manifest = json.loads((path / MANIFEST).read_text())
+    manifest = read_manifest(path)
     if manifest.get("status") == "completed":
         raise AdapterkitError(Problem("output_dir", f"'{path}' already holds a completed run",
                                       fix="choose another output_dir, or pass --restart to train it again from scratch"))
-    checkpoint = latest_checkpoint(path)
+    checkpoint = latest_checkpoint(path, loadable=True)
     if checkpoint is None:
         return None
     changes = []
@@ -131,6 +166,53 @@ def plan_output_dir(path: Path, recipe: dict[str, Any], data: dict[str, Any], fo
     return checkpoint
 
 
+LOCK = ".adapterkit.lock"
+"""Held (flock, exclusive) by the process that trains in a run dir; the OS releases it when the
+process ends, however it ends, so a killed run never leaves a stale lock."""
+
+
+@contextlib.contextmanager
+def exclusive(path: Path, force: bool = False, take: bool = True) -> Iterator[None]:
+    """Hold the run dir's lock while the body runs; refuse (exit 2, naming the holder's pid) when another
+    process holds it. Dirs that `plan_output_dir` will refuse (a file, a foreign dir without --force, an
+    unwritable parent) are left untouched. `take=False` (the other processes of an accelerate launch,
+    which share the main process's run) holds nothing."""
+    import fcntl
+
+    parent = next((p for p in [path, *path.parents] if p.exists()), None)
+    foreign = path.is_dir() and any(path.iterdir()) and not (path / MANIFEST).is_file() and not (path / LOCK).exists()
+    writable = parent is not None and parent.is_dir() and os.access(parent, os.W_OK | os.X_OK)
+    if not take or (path.exists() and not path.is_dir()) or (foreign and not force) or not writable:
+        yield
+        return
+    created = [p for p in [path, *path.parents] if not p.exists()]
+    had_lock = (path / LOCK).exists()
+    path.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise AdapterkitError(Problem("output_dir", f"'{path}' is in use: another adapterkit process (pid {holder}) "
+                                      "is training in it", fix="wait for that run to finish (re-running its command "
+                                      "afterwards resumes or reports it), or choose another output_dir")) from None
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        # A run refused before it wrote anything leaves no trace: not its lock, nor the dirs made for it.
+        if [p.name for p in path.iterdir()] == [LOCK] and not had_lock:
+            (path / LOCK).unlink()
+            for made in created:
+                try:
+                    made.rmdir()
+                except OSError:
+                    break
+        os.close(fd)  # releases the lock
+
+
 def start(path: Path, clear: bool, recipe_yaml: str, manifest: dict[str, Any]) -> None:
     """Create the run dir (clearing a previous run's files if asked) and write the recipe and manifest."""
     if clear and (path / MANIFEST).is_file():
@@ -147,10 +229,18 @@ def start(path: Path, clear: bool, recipe_yaml: str, manifest: dict[str, Any]) -
     write_json(path / MANIFEST, manifest)
 
 
-def resume(path: Path, checkpoint: Path) -> int:
-    """Mark the run resumed from `checkpoint` and forget log lines written after it; returns its step."""
+def resume(path: Path, checkpoint: Path, say: Any = print) -> int:
+    """Mark the run resumed from `checkpoint` and forget log lines written after it; returns its step.
+    Newer checkpoints that do not load are moved aside (checkpoints/broken-checkpoint-N), saying why."""
     step = int(checkpoint.name.split("-")[-1])
-    manifest = json.loads((path / MANIFEST).read_text())
+    for newer in (path / "checkpoints").glob("checkpoint-*"):
+        if newer.name.split("-")[-1].isdigit() and int(newer.name.split("-")[-1]) > step:
+            why = checkpoint_problem(newer) or "it is incomplete"
+            aside = newer.with_name(f"broken-{newer.name}")
+            shutil.rmtree(aside, ignore_errors=True)
+            newer.rename(aside)
+            say(f"skipped {newer.name}: {why}; moved it to {aside} (delete it once you do not need it)")
+    manifest = read_manifest(path)
     resumed = manifest.get("resumed", []) + [{"at": now(), "from_step": step}]
     update_manifest(path, status="running", resumed=resumed, finished=None, error=None)
     log = path / "train_log.jsonl"
@@ -163,8 +253,59 @@ def resume(path: Path, checkpoint: Path) -> int:
     return step
 
 
+def storage_error(error: BaseException) -> str | None:
+    """What went wrong, when `error` is the storage refusing a write (disk full, quota, read-only,
+    permission), else None. safetensors reports a full disk as a SafetensorError, not an OSError."""
+    import errno
+
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+        return error.strerror or str(error)
+    text = str(error)
+    if type(error).__name__ == "SafetensorError":
+        for code, what in ((errno.ENOSPC, "No space left on device"), (errno.EDQUOT, "Disk quota exceeded"),
+                           (errno.EROFS, "Read-only file system"), (errno.EACCES, "Permission denied")):
+            if f"(os error {code})" in text or what in text:
+                return what
+    return None
+
+
+def read_manifest(run_dir: Path) -> dict[str, Any]:
+    """A run's manifest.json; a corrupt or truncated one is an error naming the file (exit 2), not a traceback."""
+    path = run_dir / MANIFEST
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        where = f" (line {e.lineno}, column {e.colno}: {e.msg})" if isinstance(e, json.JSONDecodeError) else ""
+        raise AdapterkitError(Problem(str(path), f"is not valid JSON{where}: the file is corrupt or was cut short",
+                                      fix="restore it from a backup, or re-run the recipe with --restart to train "
+                                          "this run again from scratch")) from None
+    if not isinstance(manifest, dict):
+        raise AdapterkitError(Problem(str(path), "does not hold a JSON object", fix="restore it, or --restart"))
+    return manifest
+
+
+def mark_ended(path: Path, error: BaseException) -> None:
+    """Record in the manifest how a run ended early: "interrupted" (Ctrl-C, SIGTERM), with how to resume
+    printed to stderr, or "failed" with the error. Best effort: on a full disk the manifest keeps its last
+    whole state ("running"), and the error that stopped the run is the one reported."""
+    interrupted = isinstance(error, (KeyboardInterrupt, Interrupted))
+    how = getattr(error, "signal_name", "SIGINT")
+    try:
+        if not interrupted:
+            update_manifest(path, status="failed", finished=now(), error=f"{type(error).__name__}: {error}")
+            return
+        update_manifest(path, status="interrupted", finished=now(), error=f"interrupted by {how}")
+    except OSError:
+        return
+    last = latest_checkpoint(path)
+    command = read_manifest(path).get("command") or "the same command"
+    kept = f"{last.name} is kept" if last else "no checkpoint was written yet"
+    print(f"interrupted ({how}): {kept}; re-run `{command}` to {'resume from it' if last else 'start again'}",
+          file=sys.stderr, flush=True)
+
+
 def update_manifest(path: Path, **fields: Any) -> None:
-    manifest = json.loads((path / MANIFEST).read_text())
+    manifest = read_manifest(path)
     manifest.update(fields)
     write_json(path / MANIFEST, manifest)
 

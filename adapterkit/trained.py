@@ -54,7 +54,7 @@ def locate(path: str | Path) -> tuple[Path | None, Path]:
     p = Path(path).expanduser()
     if (p / rundir.MANIFEST).is_file():
         if not (p / "model").is_dir():
-            status = json.loads((p / rundir.MANIFEST).read_text()).get("status", "unknown")
+            status = rundir.read_manifest(p).get("status", "unknown")
             raise AdapterkitError(Problem(str(p), f"this run has no final model (status: {status})",
                                           fix="finish the run first: re-run its command to resume it"))
         return p, p / "model"
@@ -77,7 +77,7 @@ def load_trained(path: str | Path, dev: torch.device | None = None, dtype: torch
     recipe, manifest, spec, method = None, {}, None, None
     if run_dir is not None:
         recipe, _ = load_recipe(str(run_dir / "recipe.yaml"))
-        manifest = json.loads((run_dir / rundir.MANIFEST).read_text())
+        manifest = rundir.read_manifest(run_dir)
         method = METHODS[recipe.adapter.method]
     if (model_dir / "format.json").is_file():
         spec = FormatSpec(**json.loads((model_dir / "format.json").read_text()))

@@ -4,6 +4,7 @@
     KILL_AT_STEP=3          kill -9 right after optimizer step 3
     KILL_IN_SAVE_AT_STEP=4  kill -9 while checkpoint 4 is being written (weights and optimizer
                             written, trainer state not yet)
+    PAUSE_AT_STEP=2         after optimizer step 2, create the file PAUSED_FILE and wait there until killed
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
+from pathlib import Path
 
 from transformers import Trainer, TrainerCallback
 
@@ -18,12 +21,17 @@ from adapterkit.cli import main
 
 KILL_AT = int(os.environ.get("KILL_AT_STEP", -1))
 KILL_IN_SAVE_AT = int(os.environ.get("KILL_IN_SAVE_AT_STEP", -1))
+PAUSE_AT = int(os.environ.get("PAUSE_AT_STEP", -1))
 
 
 class KillAtStep(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == KILL_AT:
             os.kill(os.getpid(), signal.SIGKILL)
+        if state.global_step == PAUSE_AT:
+            Path(os.environ["PAUSED_FILE"]).touch()
+            for _ in range(600):  # bounded: 5 minutes at most
+                time.sleep(0.5)
 
 
 _save_rng_state = Trainer._save_rng_state

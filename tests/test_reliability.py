@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -141,27 +142,158 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pa
     assert manifest["status"] == "failed" and "nan" in manifest["error"]
 
 
-def test_disk_full_while_saving_the_final_model_loses_nothing(tmp_path, tiny_model_dir, monkeypatch, capsys):
-    from adapterkit import rundir
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 16 MiB tmpfs (needs root, as these machines run; skipped otherwise) and a way to fill it."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs to fill (needs root): {made.stderr.decode().strip()}")
 
-    real_publish = rundir.publish_dir
+    def fill() -> Path:
+        filler = mount / "filler"
+        with open(filler, "wb") as f:
+            try:
+                while True:
+                    f.write(b"\0" * 65536)
+                    f.flush()
+            except OSError as e:
+                assert e.errno == errno.ENOSPC
+        return filler
 
-    def full_disk(tmp, final):
-        if final.name == "model":
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real_publish(tmp, final)
+    yield mount, fill
+    subprocess.run(["umount", "-l", str(mount)], check=False)
 
-    monkeypatch.setattr(rundir, "publish_dir", full_disk)
+
+class FillDisk(TrainerCallback):
+    """Fill the disk after optimizer step `step`, or (step None) when training ends, before the final save."""
+
+    def __init__(self, fill, step=None):
+        self.fill, self.step, self.filler = fill, step, None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.step is not None and state.global_step == self.step:
+            self.filler = self.fill()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.step is None:
+            self.filler = self.fill()
+
+
+def test_disk_full_at_the_final_save_loses_nothing_and_the_same_command_finishes(tmp_path, tiny_model_dir,
+                                                                                 small_disk):
+    from adapterkit.errors import AdapterkitError
+
+    mount, fill = small_disk
+    data = write_jsonl(tmp_path / "d.jsonl", MEMO)
+    out = mount / "run"
+    recipe, src = load_recipe("lora-sentiment", overrides(tiny_model_dir, data, out))
+    filling = FillDisk(fill)
+    with pytest.raises(AdapterkitError) as e:
+        run(recipe, src, echo=False, callbacks=[filling])
+    assert e.value.exit_code == 2 and "No space left on device" in str(e.value) and "checkpoint-6 is kept" in str(e.value)
+    assert not (out / "model").exists() and not list(out.glob(".model.*"))  # nothing half-written
+    assert (out / "checkpoints" / "checkpoint-6").is_dir()
+    # On a full disk even the manifest cannot be rewritten: it stays whole, and says the run is unfinished.
+    assert json.loads((out / "manifest.json").read_text())["status"] in ("failed", "running")
+    filling.filler.unlink()  # space freed: the same command finishes from the last checkpoint
+    run(recipe, src, echo=False)
+    assert (out / "model" / "adapter_model.safetensors").is_file()
+
+
+def test_disk_full_at_a_checkpoint_keeps_the_last_good_one(tmp_path, tiny_model_dir, small_disk):
+    from adapterkit.errors import AdapterkitError
+
+    mount, fill = small_disk
+    data = write_jsonl(tmp_path / "d.jsonl", MEMO)
+    out = mount / "run"
+    recipe, src = load_recipe("lora-sentiment", overrides(tiny_model_dir, data, out))
+    filling = FillDisk(fill, step=3)  # checkpoint-2 is written, checkpoint-4 cannot be
+    with pytest.raises(AdapterkitError) as e:
+        run(recipe, src, echo=False, callbacks=[filling])
+    assert "could not write the checkpoint: No space left on device" in str(e.value)
+    assert "checkpoint-2, is kept" in str(e.value)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-2"]  # no staging left
+    filling.filler.unlink()
+    run(recipe, src, echo=False)
+    assert (out / "model").is_dir()
+
+
+def test_disk_full_during_an_export_writes_nothing(tmp_path, tiny_model_dir, small_disk):
+    from adapterkit.errors import AdapterkitError
+    from adapterkit.export import export
+
+    mount, fill = small_disk
     data = write_jsonl(tmp_path / "d.jsonl", MEMO)
     out = tmp_path / "run"
+    recipe, src = load_recipe("lora-sentiment", overrides(tiny_model_dir, data, out))
+    run(recipe, src, echo=False)
+    fill()
+    with pytest.raises(AdapterkitError) as e:
+        export(out, mount / "exported", say=lambda *a: None)
+    assert "could not write the export: No space left on device" in str(e.value)
+    assert sorted(p.name for p in mount.iterdir()) == ["filler"]  # no export, no temp dir
+
+
+def test_sigterm_and_ctrl_c_mark_the_run_interrupted_and_say_how_to_resume(tmp_path, tiny_model_dir):
+    import signal
+
+    data = write_jsonl(tmp_path / "d.jsonl", MEMO)
+    for sig, code in ((signal.SIGTERM, 143), (signal.SIGINT, 130)):
+        out, paused = tmp_path / sig.name, tmp_path / f"{sig.name}.paused"
+        env = {**os.environ, "PAUSE_AT_STEP": "3", "PAUSED_FILE": str(paused)}
+        env["PYTHONPATH"] = os.pathsep.join([str(HARNESS.parent.parent), env.get("PYTHONPATH", "")])
+        proc = subprocess.Popen([sys.executable, str(HARNESS), "lora-sentiment",
+                                 *overrides(tiny_model_dir, data, out)], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        for _ in range(600):
+            if paused.exists() or proc.poll() is not None:
+                break
+            time.sleep(0.2)
+        assert paused.exists(), proc.communicate()[1][-2000:]
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == code, err[-2000:]
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["status"] == "interrupted" and manifest["error"] == f"interrupted by {sig.name}"
+        assert f"interrupted ({sig.name}): checkpoint-2 is kept; re-run `" in err and "to resume from it" in err
+        assert "Traceback" not in err
+        assert not (out / "model").exists() and not list(out.glob(".model.*"))
+        resumed = harness(overrides(tiny_model_dir, data, out))
+        assert resumed.returncode == 0 and "checkpoint-2 (step 2)" in resumed.stdout
+
+
+def test_a_second_run_on_the_same_output_dir_is_refused_while_the_first_holds_it(tmp_path, tiny_model_dir, capsys):
+    """A real second process: the first holds the run dir's lock (mid-training), the second is refused with
+    exit 2 naming the first one's pid and changes nothing; once the first is killed with SIGKILL, the OS has
+    released the lock and the same command resumes."""
+    data = write_jsonl(tmp_path / "d.jsonl", MEMO)
+    out, paused = tmp_path / "run", tmp_path / "paused"
+    env = {**os.environ, "PAUSE_AT_STEP": "3", "PAUSED_FILE": str(paused)}
+    env["PYTHONPATH"] = os.pathsep.join([str(HARNESS.parent.parent), env.get("PYTHONPATH", "")])
+    first = subprocess.Popen([sys.executable, str(HARNESS), "lora-sentiment", *overrides(tiny_model_dir, data, out)],
+                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(600):
+            if paused.exists() or first.poll() is not None:
+                break
+            time.sleep(0.2)
+        assert paused.exists(), "the first run never reached step 3"
+        before = {str(p): p.stat().st_mtime_ns for p in out.rglob("*")}
+        with pytest.raises(SystemExit) as e:
+            main(["recipe", "run", "lora-sentiment", *overrides(tiny_model_dir, data, out)])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"pid {first.pid}" in err and "is in use" in err and "Traceback" not in err
+        assert {str(p): p.stat().st_mtime_ns for p in out.rglob("*")} == before
+    finally:
+        first.kill()
+        first.wait()
+    assert first.returncode == -9
     with pytest.raises(SystemExit) as e:
         main(["recipe", "run", "lora-sentiment", *overrides(tiny_model_dir, data, out)])
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and "No space left on device" in err and "Traceback" not in err
-    assert not (out / "model").exists() and not list(out.glob(".model.*"))
-    assert (out / "checkpoints" / "checkpoint-6").is_dir()
-    # Space freed: the same command finishes from the last checkpoint.
-    monkeypatch.setattr(rundir, "publish_dir", real_publish)
-    with pytest.raises(SystemExit) as e:
-        main(["recipe", "run", "lora-sentiment", *overrides(tiny_model_dir, data, out)])
-    assert e.value.code == 0 and (out / "model" / "adapter_model.safetensors").is_file()
+    out_text = capsys.readouterr().out
+    assert e.value.code == 0
+    assert "resuming from" in out_text and (out / "model").is_dir()
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4, 5, 6]

@@ -47,8 +47,9 @@ def resolve_sample(spec: str) -> Path:
 
 def _open_text(path: Path) -> io.TextIOBase:
     if path.suffix == ".gz":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
-    return open(path, encoding="utf-8", newline="")
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8-sig")
+    # utf-8-sig: Excel's "CSV UTF-8" and some JSONL exports start with a byte-order mark, which is not data.
+    return open(path, encoding="utf-8-sig", newline="")
 
 
 def _format_of(path: Path) -> str:
@@ -166,6 +167,9 @@ def read_rows(spec: str | list[str], split: str, key: str) -> list[RawRow]:
                                     fix="check the path (relative paths start from the current directory)"))
         if path.is_dir():
             raise DataError(Problem(spec, "is a directory", key, fix=f"pass a data file ({', '.join(FORMATS)})"))
+        if not path.is_file():  # a FIFO or a device would block, or never end
+            raise DataError(Problem(spec, "is not a regular file (a pipe, socket or device)", key,
+                                    fix="write the data to a file first, then pass that file"))
     fmt = _format_of(path)
     readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": lambda p: _read_csv(p, ","),
                ".tsv": lambda p: _read_csv(p, "\t"), ".parquet": _read_parquet, ".txt": _read_txt}

@@ -73,7 +73,7 @@ def starting_point(recipe: Recipe) -> Start:
     if run_dir is None:
         raise AdapterkitError(Problem("model.from_run", f"'{m.from_run}' is a model directory, not a run",
                                       fix="pass the run's output_dir, or use model.name_or_path for a plain model"))
-    manifest = json.loads((run_dir / rundir.MANIFEST).read_text())
+    manifest = rundir.read_manifest(run_dir)
     run_recipe, _ = load_recipe(str(run_dir / "recipe.yaml"))
     spec = FormatSpec(**json.loads((model_dir / "format.json").read_text())) if (model_dir / "format.json").is_file() else None
     method = METHODS[manifest["method"]]
@@ -260,6 +260,16 @@ def preference_metrics(stage: str, start: list[float], tuned: list[float] | None
 
 def run(recipe: Recipe, src: RecipeSource, force: bool = False, echo: bool = True, callbacks: list[Any] | None = None,
         restart: bool = False, resume_anyway: bool = False, lineage: dict[str, Any] | None = None) -> Any:
+    """Train one recipe end to end (see `_run`), holding the output dir's lock: a second process on the
+    same output_dir is refused, naming the first one's pid."""
+    out = Path(recipe.output_dir)
+    with rundir.exclusive(out, force=force, take=models.processes().is_main_process):
+        return _run(recipe, src, force=force, echo=echo, callbacks=callbacks, restart=restart,
+                    resume_anyway=resume_anyway, lineage=lineage)
+
+
+def _run(recipe: Recipe, src: RecipeSource, force: bool = False, echo: bool = True, callbacks: list[Any] | None = None,
+         restart: bool = False, resume_anyway: bool = False, lineage: dict[str, Any] | None = None) -> Any:
     """Train a dpo or kto recipe end to end (resuming an interrupted run like `train.run`)."""
     import datasets
     from transformers import set_seed
@@ -300,6 +310,7 @@ def run(recipe: Recipe, src: RecipeSource, force: bool = False, echo: bool = Tru
     planned = recipe if start.adapter_dir is None else dataclasses.replace(recipe, adapter=start.run_recipe.adapter)
     problems = model_problems(planned.adapter.method, config,
                               plan_mod.architecture(config, recipe.model.trust_remote_code).quantized_matrices)
+    problems += models.length_problems(recipe.data.max_length, config)
     if problems:
         raise ConfigError(problems)
     planned, why = plan_mod.resolve_checkpointing(planned, config, start.source, dev, procs.num_processes)
@@ -309,7 +320,7 @@ def run(recipe: Recipe, src: RecipeSource, force: bool = False, echo: bool = Tru
 
     lineage = {**(lineage or {}), **({"from_run": str(start.from_run.resolve())} if start.from_run else {})}
     if main and checkpoint is not None:
-        step = rundir.resume(out, checkpoint)
+        step = rundir.resume(out, checkpoint, say)
         say(f"resuming from {checkpoint} (step {step}); recipe and data are unchanged since it was written")
     elif main:
         rundir.start(out, (out / rundir.MANIFEST).is_file(), dump_recipe(recipe), {
@@ -330,7 +341,7 @@ def run(recipe: Recipe, src: RecipeSource, force: bool = False, echo: bool = Tru
         save_final(trainer, tokenizer, formatter, out)
     except BaseException as e:
         if main:
-            rundir.update_manifest(out, status="failed", finished=rundir.now(), error=f"{type(e).__name__}: {e}")
+            rundir.mark_ended(out, e)
         raise
     if not main:
         return RunResult(out, trainer.model, tokenizer, metrics)
@@ -386,7 +397,7 @@ def _train(recipe: Recipe, out: Path, dev: Any, start: Start, tokenizer: Any, tr
         pairs = sequence_pairs(trainer.eval_dataset, recipe.data.max_length)
         labels = list(trainer.eval_dataset["label"]) if recipe.stage == "kto" else None
         lengths = [len(t) for _, t in pairs]
-        previous = json.loads((out / rundir.MANIFEST).read_text()).get("metrics") or {}
+        previous = rundir.read_manifest(out).get("metrics") or {}
         if "start_logps" in previous:
             start_logps = previous["start_logps"]
         else:

@@ -11,7 +11,6 @@ Everything that can be wrong with the user's input is found before the output di
 from __future__ import annotations
 
 import dataclasses
-import errno
 import json
 import shutil
 from dataclasses import dataclass, field
@@ -27,6 +26,12 @@ from adapterkit.config import Recipe, RecipeSource, dump_recipe, packs, saved_re
 from adapterkit.data.formatter import DataReport, Formatter, encode_rows, label_set
 from adapterkit.data.loading import RawRow, read_rows, resolve_sample
 from adapterkit.errors import AdapterkitError, ConfigError, DataError, Problem, TrainingStopped
+
+
+def _virtual_tokens(recipe: Recipe) -> int:
+    """Positions a soft prompt adds in front of every sequence (prompt tuning and P-tuning)."""
+    a = recipe.adapter
+    return a.prompt.num_virtual_tokens if a.method in ("prompt_tuning", "p_tuning") else 0
 
 
 def _describe(spec: str | list[str] | None) -> str:
@@ -75,6 +80,12 @@ def prepare_data(recipe: Recipe, tokenizer: Any, train_rows: list[RawRow] | None
         reasons = "; ".join(f"{n} {r}" for r, n in train_report.dropped.items()) or "the data is empty"
         raise DataError(Problem(_describe(d.train), f"no usable training example ({reasons})", "data.train",
                                 fix="check the file and the task's fields (see the README's task table)"))
+    if d.task == "sentiment" and len(train_report.labels) == 1:
+        only = next(iter(train_report.labels))
+        raise DataError(Problem(_describe(d.train), f"every training row has the label {only!r}: a classifier "
+                                "cannot learn from one class", "data.columns.label",
+                                fix="check that data.columns.label names the label column and that the file holds "
+                                    "every class (not, say, the first rows of a file sorted by label)"))
     # Pre-flight lint of the formatter's own promise: every kept, untruncated row ends in a
     # supervised EOS. A failure here is a bug in adapterkit, not in the data.
     kept = train_report.rows_read - sum(train_report.dropped.values())
@@ -251,6 +262,16 @@ def guarded_trainer_class(base: type | None = None) -> type:
             self.args.output_dir = str(staging)
             try:
                 super()._save_checkpoint(model, trial)
+            except BaseException as e:
+                shutil.rmtree(staging, ignore_errors=True)
+                self.args.output_dir = real
+                what = rundir.storage_error(e)
+                if what is None:
+                    raise
+                raise AdapterkitError(Problem(
+                    str(Path(real) / f"checkpoint-{step}"), f"could not write the checkpoint: {what}; "
+                    f"{self._last_good()}", fix="free disk space (or fix permissions), then re-run the same "
+                    "command: it resumes from the last good checkpoint")) from None
             finally:
                 self.args.output_dir = real
             # Under accelerate every process writes into the staging dir (its RNG state; with FSDP or
@@ -354,7 +375,7 @@ def _train(recipe: Recipe, out: Path, dev: Any, method: Any, source: str | None,
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
     metrics: dict[str, Any] = {"trainable_parameters": trainable, "total_parameters": total}
-    previous = json.loads((out / rundir.MANIFEST).read_text()).get("metrics") or {}
+    previous = rundir.read_manifest(out).get("metrics") or {}
     if evaluation and "eval_loss_before" in previous:  # measured before the interruption
         metrics["eval_loss_before"] = previous["eval_loss_before"]
     elif evaluation:
@@ -425,6 +446,17 @@ class RunResult:
 def run(recipe: Recipe, src: RecipeSource, force: bool = False, echo: bool = True,
         callbacks: list[Any] | None = None, restart: bool = False, resume_anyway: bool = False,
         lineage: dict[str, Any] | None = None) -> RunResult:
+    """Train one recipe end to end (see `_run`), holding the output dir's lock: a second process on the
+    same output_dir is refused, naming the first one's pid."""
+    out = Path(recipe.output_dir)
+    with rundir.exclusive(out, force=force, take=models.processes().is_main_process):
+        return _run(recipe, src, force=force, echo=echo, callbacks=callbacks, restart=restart,
+                    resume_anyway=resume_anyway, lineage=lineage)
+
+
+def _run(recipe: Recipe, src: RecipeSource, force: bool = False, echo: bool = True,
+         callbacks: list[Any] | None = None, restart: bool = False, resume_anyway: bool = False,
+         lineage: dict[str, Any] | None = None) -> RunResult:
     """Train one recipe end to end, or resume it from its newest checkpoint when `output_dir` holds
     an interrupted run of the same recipe and data. `callbacks` are extra TrainerCallbacks; `lineage`
     (which pipeline and run this one comes from) goes into the manifest."""
@@ -462,6 +494,7 @@ def run(recipe: Recipe, src: RecipeSource, force: bool = False, echo: bool = Tru
     formatter, train, evaluation, reports = prepare_data(recipe, tokenizer, train_rows)
     config = models.scratch_config(m, tokenizer) if m.init == "scratch" else models.load_config(m, source)
     problems = model_problems(method.name, config, plan_mod.architecture(config, m.trust_remote_code).quantized_matrices)
+    problems += models.length_problems(recipe.data.max_length, config, _virtual_tokens(recipe))
     if problems:
         raise ConfigError(problems)
     precision = models.resolve_precision(recipe.train.precision, dev,
@@ -481,7 +514,7 @@ def run(recipe: Recipe, src: RecipeSource, force: bool = False, echo: bool = Tru
         task_eval = TaskEval(examples, skipped, formatter, recipe.eval, say)
 
     if main and checkpoint is not None:
-        step = rundir.resume(out, checkpoint)
+        step = rundir.resume(out, checkpoint, say)
         say(f"resuming from {checkpoint} (step {step}); recipe and data are unchanged since it was written")
     elif main:
         rundir.start(out, (out / rundir.MANIFEST).is_file(), dump_recipe(recipe), {
@@ -500,7 +533,7 @@ def run(recipe: Recipe, src: RecipeSource, force: bool = False, echo: bool = Tru
         save_final(trainer, tokenizer, formatter, out)
     except BaseException as e:
         if main:
-            rundir.update_manifest(out, status="failed", finished=rundir.now(), error=f"{type(e).__name__}: {e}")
+            rundir.mark_ended(out, e)
         raise
     if not main:
         return RunResult(out, trainer.model, tokenizer, metrics)
@@ -524,7 +557,7 @@ def _weights_of_run(path: str) -> tuple[str, str]:
     if run_dir is None:
         raise AdapterkitError(Problem("model.from_run", f"'{path}' is a model directory, not a run",
                                       fix="use model.name_or_path for a plain model directory"))
-    method = json.loads((run_dir / rundir.MANIFEST).read_text()).get("method")
+    method = rundir.read_manifest(run_dir).get("method")
     if method != "full":
         raise AdapterkitError(Problem("model.from_run", f"run '{run_dir}' trained a {method} adapter; an sft stage "
                                       "starts from whole weights (a pretraining or full run)",
@@ -573,12 +606,13 @@ def save_final(trainer: Any, tokenizer: Any, formatter: Formatter, out: Path) ->
             base.generation_config.save_pretrained(tmp)
             rundir.write_atomic(tmp / "format.json", formatter.spec.to_json())
             rundir.publish_dir(tmp, out / "model")
-    except OSError as e:
+    except BaseException as e:  # a full disk, Ctrl-C, anything: no half-written model dir stays behind
         shutil.rmtree(tmp, ignore_errors=True)
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+        what = rundir.storage_error(e)
+        if what is None:
             raise
         last = rundir.latest_checkpoint(out)
-        raise AdapterkitError(Problem(str(out / "model"), f"could not save the final model: {e.strerror}; nothing "
+        raise AdapterkitError(Problem(str(out / "model"), f"could not save the final model: {what}; nothing "
                                       "was half-written" + (f", and {last.name} is kept" if last else ""),
                                       fix="free disk space (or fix permissions), then re-run the same command: it "
                                           "resumes from the last checkpoint")) from None
