@@ -324,3 +324,16 @@ def test_real_squad_rows_train_whole_under_the_shipped_qlora_qa_settings(plain):
     examples, report = encode_rows(rows, f, "train", "qa")
     assert report.dropped == {} and len(examples) == 100 and report.inputs_shortened > 0
     assert all(len(e["input_ids"]) <= 256 for e in examples) and report.eos_supervised == 100
+
+
+def test_a_folded_system_prompt_is_counted_once_per_row():
+    from architectures import build_tokenizer
+
+    from adapterkit.data.formatter import FOLDED_SYSTEM
+
+    tok = build_tokenizer("gemma2")
+    f = Formatter.for_training(DataConfig(task="qa", system_prompt="Be brief.", max_length=96), tok, [])
+    rows = [RawRow({"question": f"What is {i}?", "context": LONG, "answer": str(i)}, f"x:{i}") for i in range(3)]
+    examples, report = encode_rows(rows, f, "train", "x")
+    assert len(examples) == 3 and report.inputs_shortened == 3 and dict(report.notes) == {FOLDED_SYSTEM: 3}
+    assert "Be brief.\n\n" in tok.decode(examples[0]["input_ids"])

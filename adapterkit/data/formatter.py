@@ -376,7 +376,6 @@ class Formatter:
         put in front of the next user message (or becomes a user message if none follows)."""
         if not self.folds_system or not any(m["role"] == "system" for m in messages):
             return messages
-        self.notes[FOLDED_SYSTEM] += 1
         out: list[dict[str, Any]] = []
         pending: list[str] = []
         for m in messages:
@@ -603,6 +602,10 @@ def encode_rows(rows: list[RawRow], formatter: Formatter, split: str, source: st
             report.dropped["duplicate of an earlier row"] += 1
             continue
         seen.add(key)
+        if formatter.folds_system and (formatter.spec.system_prompt or any(
+                m.get("role") == "system" for f in ("messages", "prompt") if isinstance(fields.get(f), list)
+                for m in fields[f])):
+            formatter.notes[FOLDED_SYSTEM] += 1
         try:
             encoded = [formatter.encode(one) for one in formatter.examples(record)]
         except TemplateRejected as e:
