@@ -203,7 +203,7 @@ def exclusive(path: Path, force: bool = False, take: bool = True) -> Iterator[No
         yield
     finally:
         # A run refused before it wrote anything leaves no trace: not its lock, nor the dirs made for it.
-        if [p.name for p in path.iterdir()] == [LOCK] and not had_lock:
+        if not had_lock and path.is_dir() and [p.name for p in path.iterdir()] == [LOCK]:
             (path / LOCK).unlink()
             for made in created:
                 try:
