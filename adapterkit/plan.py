@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from adapterkit import models
-from adapterkit.adapters import METHODS, model_problems
+from adapterkit.adapters import METHODS, model_problems, virtual_tokens
 from adapterkit.config import Recipe, load_recipe, packs
 from adapterkit.errors import AdapterkitError, ConfigError, Problem
 
@@ -408,9 +408,7 @@ def plan(recipe: Recipe, facts: ModelFacts, device: str = "cuda", padded: bool |
     does unless the recipe pretrains on wrapped blocks."""
     a, t, arch = recipe.adapter, recipe.train, facts.arch
     method = METHODS[a.method]
-    problems = model_problems(a.method, facts.config, arch.quantized_matrices)
-    problems += models.length_problems(recipe.data.max_length, facts.config,
-                                       a.prompt.num_virtual_tokens if a.method in ("prompt_tuning", "p_tuning") else 0)
+    problems = model_problems(recipe, facts.config, arch.quantized_matrices)
     if problems:
         raise ConfigError(problems)
     if device == "cuda":
@@ -433,7 +431,7 @@ def plan(recipe: Recipe, facts: ModelFacts, device: str = "cuda", padded: bool |
     # Tokens per micro-batch. Preference stages score two sequences per example (chosen and rejected,
     # or the completion and its KL counterpart); soft prompts lengthen every sequence.
     seqs = t.batch_size * (2 if recipe.stage in ("dpo", "kto") else 1)
-    seq = recipe.data.max_length + (a.prompt.num_virtual_tokens if a.method in ("prompt_tuning", "p_tuning") else 0)
+    seq = recipe.data.max_length + virtual_tokens(a)
     tokens = seqs * seq
     if recipe.stage in ("dpo", "kto"):
         notes.append(f"stage {recipe.stage}: planned as 2 sequences per example with the sft formula (not measured)")

@@ -10,6 +10,7 @@ from typing import Any, Callable, Literal
 
 from adapterkit.adapters import full, lora, soft_prompt
 from adapterkit.errors import Problem
+from adapterkit.models import length_problems
 
 
 @dataclass(frozen=True)
@@ -43,13 +44,20 @@ def trainable_parameters(model: Any) -> tuple[int, int]:
     return model.num_parameters(only_trainable=True), model.num_parameters()
 
 
-def model_problems(method: str, config: Any, quantized_matrices: int) -> list[Problem]:
-    """Why `method` cannot train the model of `config` (none when it can), known from the config alone,
-    before any weight is loaded. `quantized_matrices`: the linear layers bitsandbytes would make 4-bit."""
-    spec = METHODS[method]
+def virtual_tokens(adapter: Any) -> int:
+    """Positions a soft prompt adds in front of every sequence (prompt tuning and P-tuning; a prefix lives
+    in the attention cache instead)."""
+    return adapter.prompt.num_virtual_tokens if adapter.method in ("prompt_tuning", "p_tuning") else 0
+
+
+def model_problems(recipe: Any, config: Any, quantized_matrices: int) -> list[Problem]:
+    """Why the recipe's method and data.max_length cannot train the model of `config` (none when they
+    can), known from the config alone, before any weight is loaded. `quantized_matrices`: the linear layers
+    bitsandbytes would make 4-bit."""
+    method = recipe.adapter.method
     name = type(config).__name__.removesuffix("Config")
-    problems = []
-    if spec.quantized_base and quantized_matrices == 0:
+    problems = length_problems(recipe.data.max_length, config, virtual_tokens(recipe.adapter))
+    if METHODS[method].quantized_base and quantized_matrices == 0:
         problems.append(Problem("adapter.method", f"'{method}': transformers quantises no layer of {name} models "
                                 "(bitsandbytes replaces only plain nn.Linear and Conv1D layers), so there would be "
                                 "no 4-bit base to train on", fix="use adapter.method=lora (the same adapters on the "

@@ -73,6 +73,8 @@ class Encoded:
     input_ids: list[int]
     labels: list[int]
     truncated: bool
+    length: int = 0
+    """Tokens before any cut at max_length."""
 
 
 @dataclass
@@ -288,16 +290,17 @@ class Formatter:
     MARK = "…"
     """Put where a shortened input was cut."""
 
-    def fit(self, fields: dict[str, Any]) -> tuple[dict[str, Any], str, int | None]:
+    def fit(self, fields: dict[str, Any], length: int | None = None) -> tuple[dict[str, Any], str, int | None]:
         """(fields, what happened, fewest tokens the row needs) for `data.truncation: input`.
 
         What happened: "fits" (unchanged), "shortened" (a long input field was cut so that the example,
         completion whole, fits max_length) or "too_long" (even with the input fields cut away the
         completion does not fit; the row should be dropped). Other truncation settings, and tasks
-        without long input fields, return the fields unchanged ("fits") with their full length."""
+        without long input fields, return the fields unchanged ("fits") with their full length.
+        `length`: the row's length in tokens, when the caller has already encoded it."""
         if not self.task.long_fields:  # chat, text, preference data: nothing to shorten, nothing to measure
             return fields, "fits", None
-        length = self._length(fields)
+        length = self._length(fields) if length is None else length
         limit = self.spec.max_length
         if length <= limit or self.spec.truncation != "input":
             return fields, "fits", length
@@ -509,11 +512,12 @@ class Formatter:
             labels += piece if (supervised or self.spec.train_on_prompt) else [IGNORE] * len(piece)
         limit = self.spec.max_length
         truncated = len(ids) > limit and "text" not in record
+        length = len(ids)
         if truncated and self.spec.truncation == "drop" and "messages" not in record:
-            return Encoded([], [], True)
+            return Encoded([], [], True, length)
         if truncated:
             ids, labels = ids[:limit], labels[:limit]
-        return Encoded(ids, labels, truncated)
+        return Encoded(ids, labels, truncated, length)
 
 
 def _split_conversations(chosen: Any, rejected: Any) -> tuple[dict[str, Any] | None, str | None] | None:
@@ -587,15 +591,6 @@ def encode_rows(rows: list[RawRow], formatter: Formatter, split: str, source: st
         if fields is None:
             report.dropped[reason] += 1
             continue
-        try:
-            fields, fitted, needed = formatter.fit(fields)
-        except TemplateRejected as e:
-            report.dropped[f"the chat template rejects the conversation ({e})"] += 1
-            continue
-        if fitted == "too_long":
-            report.needed.append(needed)
-            report.dropped[f"the completion alone does not fit max_length={limit}"] += 1
-            continue
         record = formatter.record(fields)
         key = json.dumps(record, sort_keys=True, ensure_ascii=False)
         if key in seen:
@@ -608,8 +603,19 @@ def encode_rows(rows: list[RawRow], formatter: Formatter, split: str, source: st
             formatter.notes[FOLDED_SYSTEM] += 1
         try:
             encoded = [formatter.encode(one) for one in formatter.examples(record)]
+            fitted = "fits"
+            needed = sum(enc.length for enc in encoded) if formatter.task.long_fields else None
+            if formatter.task.long_fields and formatter.spec.truncation == "input" and encoded[0].truncated:
+                # Only a row that does not fit is measured again while its long input is shortened.
+                fields, fitted, needed = formatter.fit(fields, needed)
+                if fitted == "shortened":
+                    encoded = [formatter.encode(formatter.record(fields))]
         except TemplateRejected as e:
             report.dropped[f"the chat template rejects the conversation ({e})"] += 1
+            continue
+        if fitted == "too_long":
+            report.needed.append(needed)
+            report.dropped[f"the completion alone does not fit max_length={limit}"] += 1
             continue
         supervised = sum(lbl != IGNORE for enc in encoded for lbl in enc.labels)
         if needed is not None:

@@ -308,9 +308,8 @@ def _run(recipe: Recipe, src: RecipeSource, force: bool = False, echo: bool = Tr
     # Planned with the adapter that trains (the starting run's, when it continues one); recipe.yaml keeps
     # what was asked, the manifest what ran.
     planned = recipe if start.adapter_dir is None else dataclasses.replace(recipe, adapter=start.run_recipe.adapter)
-    problems = model_problems(planned.adapter.method, config,
+    problems = model_problems(planned, config,
                               plan_mod.architecture(config, recipe.model.trust_remote_code).quantized_matrices)
-    problems += models.length_problems(recipe.data.max_length, config)
     if problems:
         raise ConfigError(problems)
     planned, why = plan_mod.resolve_checkpointing(planned, config, start.source, dev, procs.num_processes)

@@ -28,12 +28,6 @@ from adapterkit.data.loading import RawRow, read_rows, resolve_sample
 from adapterkit.errors import AdapterkitError, ConfigError, DataError, Problem, TrainingStopped
 
 
-def _virtual_tokens(recipe: Recipe) -> int:
-    """Positions a soft prompt adds in front of every sequence (prompt tuning and P-tuning)."""
-    a = recipe.adapter
-    return a.prompt.num_virtual_tokens if a.method in ("prompt_tuning", "p_tuning") else 0
-
-
 def _describe(spec: str | list[str] | None) -> str:
     return ", ".join(spec) if isinstance(spec, list) else str(spec)
 
@@ -493,8 +487,7 @@ def _run(recipe: Recipe, src: RecipeSource, force: bool = False, echo: bool = Tr
     source, tokenizer, train_rows = tokenizer_for(recipe, say)
     formatter, train, evaluation, reports = prepare_data(recipe, tokenizer, train_rows)
     config = models.scratch_config(m, tokenizer) if m.init == "scratch" else models.load_config(m, source)
-    problems = model_problems(method.name, config, plan_mod.architecture(config, m.trust_remote_code).quantized_matrices)
-    problems += models.length_problems(recipe.data.max_length, config, _virtual_tokens(recipe))
+    problems = model_problems(recipe, config, plan_mod.architecture(config, m.trust_remote_code).quantized_matrices)
     if problems:
         raise ConfigError(problems)
     precision = models.resolve_precision(recipe.train.precision, dev,
