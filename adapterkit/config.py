@@ -151,7 +151,11 @@ class DataConfig:
     source; generation: input, then instruction; sentiment: text), marking the cut with "…"; a row is
     dropped only when the completion alone cannot fit. `end`: cut the example at max_length (rows left
     with no supervised token are dropped). `drop`: drop every longer example. Chat and raw text are
-    never shortened this way: conversations are cut at the end, raw text is split into chunks."""
+    never shortened this way: conversations are cut at the end, raw text is split into chunks.
+    Preference pairs (dpo, kto): `input` keeps the end of the prompt (cut from the left, BOS kept) and
+    the start of each reply (cut from the right only when a reply would leave the prompt less than half
+    of max_length); `end` is trl's own cut (the sequence's end; pairs whose prompt alone fills max_length
+    are dropped); `drop` drops every pair that does not fit."""
     packing: bool | Literal["auto"] = "auto"
     """Pack several examples into each sequence of up to max_length tokens: no padding, and attention
     never crosses two examples. `auto`: on, except for soft prompts (which cannot pack)."""
@@ -330,8 +334,11 @@ def apply_overrides(source: RecipeSource, overrides: list[str]) -> None:
             value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError:
             value = raw
-        if isinstance(value, dict) and not raw.lstrip().startswith("{"):
-            value = raw  # `Review: {text}` is a sentence with a colon, not a mapping
+        if isinstance(value, dict) and (not raw.lstrip().startswith("{")
+                                        or (value and all(v is None for v in value.values()))):
+            # `Review: {text}` is a sentence with a colon, and `{prompt}` a template placeholder, not a
+            # mapping (no setting takes a mapping of empty values)
+            value = raw
         node = source.data
         parts = key.split(".")
         for part in parts[:-1]:
@@ -589,7 +596,7 @@ def _check(recipe: Recipe, src: RecipeSource) -> list[Problem]:
                 f"map the task's fields ({', '.join(spec.fields)}) to your column names, e.g. "
                 f"columns: {{{spec.fields[0]}: my_column}}")
     if d.template is not None:
-        if spec.kind != "prompt_completion":
+        if spec.kind not in ("prompt_completion", "preference", "unpaired"):
             bad("data.template", f"task '{d.task}' has no prompt template", "remove data.template")
         else:
             try:
@@ -598,12 +605,14 @@ def _check(recipe: Recipe, src: RecipeSource) -> list[Problem]:
                 placeholders = set()
                 bad("data.template", f"{d.template!r} is not a valid template ({e})",
                     "use {field} placeholders; write {{ and }} for literal braces")
-            target = spec.fields[-1] if spec.target is None else spec.target
+            # The fields a template may not show: what the model is to produce (and a kto row's verdict).
+            answers = {"preference": ("chosen", "rejected"), "unpaired": ("completion", "label")}.get(
+                spec.kind, (spec.fields[-1] if spec.target is None else spec.target,))
             unknown = sorted(placeholders - set(spec.fields))
             if unknown:
                 bad("data.template", f"unknown placeholder(s) {unknown}",
-                    f"use the fields of task '{d.task}': {', '.join(f for f in spec.fields if f != target)}")
-            if target in placeholders:
+                    f"use the fields of task '{d.task}': {', '.join(f for f in spec.fields if f not in answers)}")
+            for target in (f for f in answers if f in placeholders):
                 bad("data.template", f"the template must not contain the answer field '{target}'",
                     "the template is the prompt; the completion is appended after it")
     return problems

@@ -123,7 +123,8 @@ def run_trl(seed: int, steps: int, merged: Path, train: Path, heldout: Path, out
     eval_dataset = load_dataset("json", data_files=str(heldout), split="train")
     args = DPOConfig(output_dir=str(out), learning_rate=LR, beta=BETA, per_device_train_batch_size=BATCH,
                      max_steps=steps, max_length=MAX_LENGTH, use_cpu=True, bf16=False, report_to="none",
-                     save_strategy="no", seed=seed, logging_steps=10, disable_tqdm=True)
+                     save_strategy="no", seed=seed, logging_steps=10, disable_tqdm=True,
+                     gradient_checkpointing=False)
     trainer = DPOTrainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=tokenizer, peft_config=LoraConfig(task_type="CAUSAL_LM", **LORA),
                          callbacks=[timer_callback(record)])
@@ -140,23 +141,44 @@ def run_trl(seed: int, steps: int, merged: Path, train: Path, heldout: Path, out
     return record
 
 
-def run_adapterkit(seed: int, steps: int, sft: Path, train: Path, heldout: Path, out: Path) -> dict[str, Any]:
-    """The shipped dpo-preference recipe, continuing the SFT run, with the same settings."""
+BEFORE = ["data.truncation=end", "data.max_dropped=0.3", "train.schedule=cosine", "train.warmup_ratio=0.03"]
+"""adapterkit as it was when issue 19 was filed (besides the shipped recipe's own keys)."""
+
+VARIANTS: dict[str, list[str]] = {
+    "adapterkit": [],  # the shipped dpo-preference recipe as it is now
+    "before": BEFORE,
+    "keep prompt end": [*BEFORE, "data.truncation=input"],
+    "no cue": [*BEFORE, "data.template='{prompt}'"],
+    "linear, no warmup": [*BEFORE, "train.schedule=linear", "train.warmup_ratio=0"],
+    "new adapter on merged SFT": [*BEFORE, "model.from_run=null", "model.name_or_path={merged}"],
+}
+"""adapterkit runs: the shipped recipe, the recipe as it was, and the recipe as it was with ONE change
+(each row of the cause table). `{merged}` is the merged SFT model, the start trl gets."""
+
+
+def run_adapterkit(seed: int, steps: int, sft: Path, train: Path, heldout: Path, out: Path,
+                   variant: str = "adapterkit") -> dict[str, Any]:
+    """The shipped dpo-preference recipe, continuing the SFT run, with the same settings (and the
+    variant's overrides)."""
     from adapterkit.config import load_recipe
     from adapterkit.recipes.preference import run  # stage dpo (recipes.train.run is the sft stage)
 
     record: dict[str, Any] = {}
+    extra = [o.replace("{merged}", str(sft.parent / "sft-merged")) for o in VARIANTS[variant]]
     recipe, src = load_recipe("dpo-preference", [
         f"model.from_run={sft}", f"data.train={train}", f"data.eval={heldout}", f"train.max_steps={steps}",
         f"train.lr={LR}", f"preference.beta={BETA}", f"train.batch_size={BATCH}", f"data.max_length={MAX_LENGTH}",
         f"train.seed={seed}", "train.precision=fp32", "train.save_every=null", "train.log_every=10",
-        f"output_dir={out}"])
+        f"output_dir={out}", *extra])
+    record["overrides"] = extra
     run(recipe, src, echo=False, callbacks=[timer_callback(record)])
     metrics = json.loads((out / "manifest.json").read_text())["metrics"]
     record["train_loss"] = metrics.get("train_loss")
     after = metrics.get("pref_after", {})
     record["own_reward_accuracy"] = after.get("reward_accuracy")
     record["own_eval"] = {"pref_before": metrics.get("pref_before"), "pref_after": after}
+    train_report = json.loads((out / "data_report.json").read_text())[0]
+    record["data_report"] = {k: train_report[k] for k in ("rows_read", "examples", "dropped", "truncated", "notes")}
     return record
 
 
@@ -374,6 +396,27 @@ def markdown(result: dict[str, Any]) -> str:
                      f"| {mean_std([r.get('own_reward_accuracy') for r in runs])}% "
                      f"| {mean_std([r['train_loss'] for r in runs], '.3f')} | {mean_std([r['train_s'] for r in runs])} "
                      f"| {mean_std([r['process_s'] for r in runs])} |")
+    causes = [v for v in VARIANTS if v != "adapterkit" and any(r["tool"] == v for r in result["runs"])]
+    if causes:
+        def runs_of(tool: str) -> list[dict[str, Any]]:
+            return [r for r in result["runs"] if r["tool"] == tool]
+
+        base = [r["implicit_reward_accuracy"] for r in runs_of("before")]
+        lines += ["", "## Causes: the recipe as it was, and one change at a time", "",
+                  "Same seeds, steps and scorer as above. `before` is adapterkit as it was when issue 19 was "
+                  "filed; each other row is `before` with one change.", "",
+                  "| adapterkit run | overrides | seeds | implicit-reward acc. (independent) | change vs before | "
+                  "margin (nats) | own reward acc. | training pairs kept / fitted |", "|---|---|---|---|---|---|---|---|"]
+        for tool in ["adapterkit", *causes] if runs_of("adapterkit") else causes:
+            rs = runs_of(tool)
+            accs = [r["implicit_reward_accuracy"] for r in rs]
+            delta = (f"{statistics.mean(accs) - statistics.mean(base):+.1f}" if base and tool != "before" else "")
+            extra = [o for o in VARIANTS[tool] if o not in BEFORE] if tool != "before" else BEFORE
+            rep = rs[0].get("data_report") or {}
+            kept = f"{rep.get('examples', 'n/a')} / {rep.get('truncated', 'n/a')}" if rep else "n/a"
+            lines.append(f"| {tool} | `{' '.join(extra) or '(shipped recipe)'}` | {len(rs)} | {mean_std(accs)}% | {delta} "
+                         f"| {mean_std([r['implicit_reward_margin'] for r in rs], '.2f')} "
+                         f"| {mean_std([r.get('own_reward_accuracy') for r in rs])}% | {kept} |")
     refs = result.get("reference_preference_accuracy", {})
     if refs:
         lines += ["", "Reference (starting model) preference accuracy, independent scorer: "
@@ -410,7 +453,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=None, help="default: 0 1 2 (--quick: 0)")
     parser.add_argument("--steps", type=int, default=None, help="DPO steps per run (default 150, --quick 20)")
     parser.add_argument("--quick", action="store_true", help="smoke test: 20 steps, 1 seed")
-    parser.add_argument("--only", choices=["trl", "adapterkit"])
+    parser.add_argument("--only", nargs="+", choices=["trl", *VARIANTS], metavar="TOOL",
+                        help="run only these: trl, or adapterkit variants (" + ", ".join(map(repr, VARIANTS)) + ")")
+    parser.add_argument("--causes", action="store_true",
+                        help="also run the cause table: the recipe as it was, and with one change at a time")
     parser.add_argument("--json", type=Path, help="where to write the raw numbers (the .md goes beside it)")
     parser.add_argument("--one", nargs=7, metavar=("TOOL", "SEED", "STEPS", "START", "TRAIN", "HELDOUT", "OUT"),
                         help=argparse.SUPPRESS)
@@ -420,8 +466,10 @@ def main(argv: list[str] | None = None) -> None:
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
-        fn = run_trl if tool == "trl" else run_adapterkit
-        record = fn(int(seed), int(steps), Path(start), Path(train), Path(heldout), Path(out))
+        if tool == "trl":
+            record = run_trl(int(seed), int(steps), Path(start), Path(train), Path(heldout), Path(out))
+        else:
+            record = run_adapterkit(int(seed), int(steps), Path(start), Path(train), Path(heldout), Path(out), tool)
         print("RESULT " + json.dumps(record))
         return
     if not (DATA / "train.jsonl").is_file() or not (DATA / "dev.jsonl").is_file():
@@ -429,7 +477,7 @@ def main(argv: list[str] | None = None) -> None:
                  f"({DATA} is missing them)")
     seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1, 2])
     steps = args.steps or (20 if args.quick else 150)
-    tools = [args.only] if args.only else ["trl", "adapterkit"]
+    tools = args.only or ["trl", "adapterkit", *([v for v in VARIANTS if v != "adapterkit"] if args.causes else [])]
     out_json = args.json or RESULTS / ("preference_vs_trl-quick.json" if args.quick else "preference_vs_trl.json")
 
     import torch
@@ -478,7 +526,7 @@ def main(argv: list[str] | None = None) -> None:
             result = {"header": header, "steps": steps, "seeds": seeds, "complete": complete, "runs": runs,
                       "views": views,
                       "reference_preference_accuracy": {t: accuracies(ref[t], ref[t])["reference_preference_accuracy"]
-                                                        for t in tools},
+                                                        for t in ref},
                       "total_s": time.perf_counter() - t_all}
             out_json.parent.mkdir(parents=True, exist_ok=True)
             out_json.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
@@ -487,8 +535,9 @@ def main(argv: list[str] | None = None) -> None:
 
         for seed in seeds:
             for tool in tools:
-                out = work / f"{tool}-{seed}"
+                out = work / f"{tool.replace(' ', '-').replace(',', '')}-{seed}"
                 start = merged if tool == "trl" else sft
+                reference = ref["trl" if tool in ("trl", "new adapter on merged SFT") else "adapterkit"]
                 print(f"{tool} seed {seed}, {steps} steps ...", flush=True)
                 t = time.perf_counter()
                 proc = subprocess.run([sys.executable, __file__, "--one", tool, str(seed), str(steps), str(start),
@@ -502,7 +551,7 @@ def main(argv: list[str] | None = None) -> None:
                 scores = summed_logprobs(policy, seqs, pad_id)
                 del policy
                 r = {"tool": tool, "seed": seed, "steps_asked": steps, "process_s": process_s, **record,
-                     **accuracies(scores, ref[tool])}
+                     **accuracies(scores, reference)}
                 r.pop("reference_preference_accuracy")
                 runs.append(r)
                 own = r.get("own_reward_accuracy")

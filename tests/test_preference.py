@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import write_jsonl
 from test_methods import Snapshot
-from transformers import TrainerCallback
+from transformers import AutoTokenizer, TrainerCallback
 
 from adapterkit.cli import main
 from adapterkit.config import load_recipe
@@ -211,3 +211,102 @@ def test_a_preference_run_is_evaluated_on_a_task_in_its_own_template(tmp_path, t
     assert e.value.code == 0
     summary = json.loads((out / "eval" / "metrics.json").read_text())
     assert summary["task"] == "generation" and {"perplexity", "rougeL"} <= set(summary["tuned"])
+
+
+# -- fitting pairs into max_length (data.truncation) ---------------------------------------------------
+
+def pair(prompt: int, chosen: int, rejected: int, bos: bool = False) -> dict:
+    """A tokenized pair whose ids say where they came from: prompt 1000+i (BOS 1 first), replies 2000+i, 3000+i."""
+    p = [1] * bos + [1000 + i for i in range(prompt - bos)]
+    return {"prompt_ids": p, "chosen_ids": [2000 + i for i in range(chosen)],
+            "rejected_ids": [3000 + i for i in range(rejected)]}
+
+
+def test_input_truncation_keeps_the_end_of_the_prompt_and_the_start_of_the_replies():
+    fit = preference.fit_ids
+    row = pair(10, 4, 6)
+    assert fit(row, 16, "input", None) == (row, "fits")
+    # A long prompt loses its start; replies that leave it half the window stay whole.
+    out, how = fit(pair(30, 4, 6), 16, "input", None)
+    assert how == "prompt" and out["prompt_ids"] == [1000 + i for i in range(20, 30)]
+    assert out["chosen_ids"] == row["chosen_ids"] and out["rejected_ids"] == row["rejected_ids"]
+    # A BOS the tokenizer put first stays first.
+    out, _ = fit(pair(30, 4, 6, bos=True), 16, "input", 1)
+    assert out["prompt_ids"] == [1] + [1000 + i for i in range(20, 29)]
+    # A long reply is cut from its end, only as far as needed for the prompt to keep half the window.
+    out, how = fit(pair(30, 4, 40), 16, "input", None)
+    assert how == "prompt+reply" and out["rejected_ids"] == [3000 + i for i in range(8)]
+    assert out["chosen_ids"] == [2000 + i for i in range(4)] and len(out["prompt_ids"]) == 8
+    out, how = fit(pair(3, 4, 40), 16, "input", None)  # a short prompt stays whole, the reply takes the rest
+    assert how == "reply" and out["prompt_ids"] == [1000, 1001, 1002] and len(out["rejected_ids"]) == 13
+    for n_prompt, n_reply in [(3, 40), (30, 4), (30, 40), (100, 100)]:
+        out, _ = fit(pair(n_prompt, n_reply, 2), 16, "input", None)
+        assert len(out["prompt_ids"]) + max(len(out["chosen_ids"]), len(out["rejected_ids"])) <= 16
+        assert out["chosen_ids"] and out["prompt_ids"]
+
+
+def test_end_and_drop_truncation_follow_trl_and_refuse_what_does_not_fit():
+    fit = preference.fit_ids
+    out, how = fit(pair(10, 10, 2), 16, "end", None)  # trl's keep_start: the sequence's end goes
+    assert how == "end" and out["prompt_ids"] == pair(10, 0, 0)["prompt_ids"] and len(out["chosen_ids"]) == 6
+    assert fit(pair(16, 2, 2), 16, "end", None)[1] == "drop"  # the prompt alone fills max_length
+    assert fit(pair(10, 10, 2), 16, "drop", None)[1] == "drop"
+    assert fit(pair(10, 6, 2), 16, "drop", None)[1] == "fits"
+    # A KTO row: one completion, and its mismatched KL completion follows the fitted prompt.
+    row = {"prompt_ids": list(range(30)), "completion_ids": [7] * 4, "KL_completion_ids": [9] * 12}
+    out, how = fit(row, 16, "input", None)
+    assert how == "prompt" and len(out["prompt_ids"]) == 12 and out["KL_completion_ids"] == [9] * 4
+
+
+def long_pairs(n: int) -> list[dict]:
+    """Pairs whose long prompt ends in a question that tells the replies apart."""
+    return [{"prompt": " ".join(["The shop opened early and closed late that day."] * 12)
+             + f" Question {i}: which fruit is yellow? Assistant:",
+             "chosen": f"A banana, number {i}.", "rejected": f"A cherry is red, number {i}."} for i in range(n)]
+
+
+class FirstBatch(TrainerCallback):
+    def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        self.batch = next(iter(train_dataloader))
+
+
+def test_a_dpo_run_keeps_long_prompts_by_their_end_and_reports_it(tmp_path, tiny_model_dir, capsys):
+    data = write_jsonl(tmp_path / "long.jsonl", long_pairs(16))
+    common = [f"model.name_or_path={tiny_model_dir}", f"data.train={data}", "data.eval=null", "data.max_length=48",
+              "train.max_steps=1", "train.batch_size=2", *QUIET]
+    first = FirstBatch()
+    recipe, src = load_recipe("dpo-preference", [*common, f"output_dir={tmp_path / 'input'}"])
+    result = preference.run(recipe, src, echo=True, callbacks=[first])
+    printed = capsys.readouterr().out
+    assert "16 of 16 pairs longer than data.max_length=48 (data.truncation: input): prompt cut from the left 16" \
+        in printed
+    report = json.loads((result.out / "data_report.json").read_text())[0]
+    assert report["examples"] == 16 and report["truncated"] == 16 and not report["dropped"]
+    assert report["notes"] == {"prompt cut from the left": 16}
+    # What the model trains on: the end of the prompt (its question) and the whole reply, within 48 tokens.
+    tok = result.tokenizer
+    ids, mask = first.batch["input_ids"][0], first.batch["attention_mask"][0]
+    text = tok.decode(ids[mask.bool()])
+    assert mask.sum() <= 48 and "which fruit is yellow? Assistant:" in text and "A banana, number" in text
+    assert not text.startswith("The shop opened")
+
+    # trl's own cut drops every pair here (the prompt alone fills max_length): refused, naming the fix.
+    with pytest.raises(SystemExit) as e:
+        main(["recipe", "run", "dpo-preference", *common, "data.truncation=end", f"output_dir={tmp_path / 'end'}"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "16 of 16 rows" in err and "its prompt alone fills data.max_length=48" in err
+    assert "data.truncation=input keeps every pair" in err and "raise data.max_length" in err
+
+
+def test_a_preference_template_replaces_the_cue(tmp_path, tiny_model_dir, capsys):
+    recipe, _ = load_recipe("dpo-preference", [f"model.name_or_path={tiny_model_dir}", "data.template={prompt}"])
+    start = preference.starting_point(recipe)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    _, rows, _, _ = preference.prepare_data(recipe, tokenizer, start)
+    assert rows and not any(r["prompt"].endswith("Response:") for r in rows)
+    recipe, _ = load_recipe("dpo-preference", [f"model.name_or_path={tiny_model_dir}"])
+    _, rows, _, _ = preference.prepare_data(recipe, tokenizer, start)
+    assert all(r["prompt"].endswith("\nResponse:") for r in rows)
+    with pytest.raises(SystemExit) as e:
+        main(["recipe", "run", "dpo-preference", "--dry-run", "data.template={prompt} {chosen}"])
+    assert e.value.code == 2 and "must not contain the answer field 'chosen'" in capsys.readouterr().err

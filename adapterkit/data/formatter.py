@@ -103,8 +103,10 @@ class DataReport:
     def summary(self) -> str:
         dropped = sum(self.dropped.values())
         cut = f", {self.inputs_shortened} inputs shortened to fit" if self.inputs_shortened else ""
+        # Preference data is tokenized (and fitted into max_length) by the trainer, after this is first shown.
+        truncated = f", {self.truncated} truncated" if self.tokens or self.truncated else ""
         text = (f"{self.split}: {self.rows_read} rows from {self.source} -> {self.examples} examples "
-                f"({dropped} dropped, {self.truncated} truncated{cut})")
+                f"({dropped} dropped{truncated}{cut})")
         if self.tokens:  # preference data is tokenized by trl, so it has no token counts here
             text += (f", {self.tokens:,} tokens ({self.supervised_tokens:,} supervised; EOS supervised in "
                      f"{self.eos_supervised} rows)")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ from adapterkit.recipes.train import (
     _describe,
     guarded_trainer_class,
     save_final,
+    too_many_dropped,
     trainer_args,
 )
 from adapterkit.trained import locate
@@ -166,6 +168,116 @@ def prepare_data(recipe: Recipe, tokenizer: Any, start: Start) -> tuple[Formatte
             raise DataError(Problem(_describe(d.eval), "no usable eval example", "data.eval",
                                     fix="check the eval file, or remove data.eval"))
     return formatter, train, evaluation_rows, reports
+
+
+# -- fitting tokenized pairs into max_length ------------------------------------------------------------
+
+REPLY_KEYS = ("chosen_ids", "rejected_ids", "completion_ids")
+"""The completions of a tokenized trl row: a DPO pair's two replies, or a KTO row's one."""
+
+
+def fit_ids(row: dict[str, list[int]], limit: int, mode: str, bos_id: int | None) -> tuple[dict[str, list[int]], str]:
+    """A tokenized row (trl's `prompt_ids` and completion ids) fitted into `limit` tokens, and what was
+    done: "fits", "prompt", "reply", "prompt+reply" (`input`), "end" (`end`) or "drop".
+
+    `input`: each reply keeps its start and the prompt its end, the first token kept when it is BOS; a
+    reply is cut only as far as needed for the prompt to keep min(its length, limit // 2) tokens, so a
+    long prompt never leaves a reply with nothing to learn from, nor a long reply a prompt with no
+    question. `end`: trl's keep_start cut at the sequence's end, and a row whose prompt alone fills the
+    limit is dropped (no reply token would remain). `drop`: a row that does not fit is dropped. A KTO
+    row's `KL_completion_ids` (a completion of another row) follow the prompt they are paired with."""
+    prompt = row["prompt_ids"]
+    keys = [k for k in REPLY_KEYS if k in row]
+    longest = max(len(row[k]) for k in keys)
+    if len(prompt) + longest <= limit:
+        out, how = dict(row), "fits"
+    elif mode == "drop" or (mode == "end" and len(prompt) >= limit):
+        return row, "drop"
+    elif mode == "end":
+        out, how = {**row, **{k: row[k][: limit - len(prompt)] for k in keys}}, "end"
+    else:
+        room = limit - min(len(prompt), limit // 2)
+        out = {**row, **{k: row[k][:room] for k in keys}}
+        keep = limit - max(len(out[k]) for k in keys)
+        cut_reply = any(len(out[k]) < len(row[k]) for k in keys)
+        if len(prompt) > keep:
+            head = prompt[:1] if bos_id is not None and prompt[:1] == [bos_id] else []
+            out["prompt_ids"] = head + prompt[len(prompt) - (keep - len(head)):]
+        how = "prompt+reply" if cut_reply and len(prompt) > keep else "reply" if cut_reply else "prompt"
+    if "KL_completion_ids" in row:
+        out["KL_completion_ids"] = row["KL_completion_ids"][: max(0, limit - len(out["prompt_ids"]))]
+    return out, how
+
+
+FIT_NOTES = {"prompt": "prompt cut from the left",
+             "reply": "a reply cut from the right",
+             "prompt+reply": "prompt cut from the left and a reply from the right",
+             "end": "cut at the end (data.truncation: end)"}
+"""What `fit_ids` did, as the data report says it."""
+
+
+def fitted(dataset: Any, limit: int, mode: str, bos_id: int | None) -> tuple[Any, Counter, list[int]]:
+    """A tokenized trl dataset with every row fitted (see `fit_ids`), how many rows each way, and the
+    tokens each row needs (prompt plus its longest reply), for the refusal that names a max_length."""
+    how: Counter = Counter()
+    needed: list[int] = []
+    keep: list[int] = []
+    columns = ["prompt_ids", *(k for k in (*REPLY_KEYS, "KL_completion_ids") if k in dataset.column_names)]
+    rows = {c: [] for c in columns}
+    for i, row in enumerate(dataset.select_columns(columns)):
+        out, what = fit_ids(row, limit, mode, bos_id)
+        how[what] += 1
+        needed.append(len(row["prompt_ids"]) + max(len(row[k]) for k in REPLY_KEYS if k in row))
+        if what == "drop":
+            continue
+        keep.append(i)
+        for c in columns:
+            rows[c].append(out[c])
+    dataset = dataset.select(keep)
+    for c in columns:
+        dataset = dataset.remove_columns(c).add_column(c, rows[c])
+    return dataset, how, needed
+
+
+class _Uncut:
+    """A trainer config seen with no max_length: trl's `_prepare_dataset` then tokenizes every row and
+    drops none, and adapterkit fits them (`fitted`)."""
+
+    max_length = None
+
+    def __init__(self, args: Any) -> None:
+        self._args = args
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._args, name)
+
+
+def fitting_trainer_class(base: type, limit: int, mode: str, bos_id: int | None) -> type:
+    """`base` (a DPO or KTO trainer) with its tokenized splits fitted into `limit` tokens by
+    `data.truncation`; what was done to each split is in `fit_counts[name]` and `fit_needed[name]`."""
+
+    class FittingTrainer(base):
+        def _prepare_dataset(self, dataset: Any, processing_class: Any, args: Any, dataset_name: str) -> Any:
+            dataset = super()._prepare_dataset(dataset, processing_class, _Uncut(args), dataset_name)
+            dataset, how, needed = fitted(dataset, limit, mode, bos_id)
+            counts = self.__dict__.setdefault("fit_counts", {})
+            counts[dataset_name], self.__dict__.setdefault("fit_needed", {})[dataset_name] = how, needed
+            return dataset
+
+    return FittingTrainer
+
+
+def record_fit(report: DataReport, how: Counter, needed: list[int], limit: int, mode: str) -> None:
+    """Put what fitting did to a split into its data report."""
+    for what, note in FIT_NOTES.items():
+        if how[what]:
+            report.notes[note] += how[what]
+    report.truncated = sum(n for what, n in how.items() if what not in ("fits", "drop"))
+    if how["drop"]:
+        why = ("its prompt alone fills" if mode == "end" else "longer than")
+        report.dropped[f"{why} data.max_length={limit} (data.truncation: {mode})"] += how["drop"]
+    report.examples -= how["drop"]
+    report.needed = needed
 
 
 def load_model(recipe: Recipe, start: Start, precision: str, dev: torch.device) -> Any:
@@ -334,7 +446,7 @@ def _run(recipe: Recipe, src: RecipeSource, force: bool = False, echo: bool = Tr
 
     try:
         trainer, metrics = _train(decided, out, dev, start, tokenizer, train, evaluation_rows, precision, say, echo,
-                                  callbacks, checkpoint)
+                                  callbacks, checkpoint, reports)
         if "ref" in getattr(trainer.model, "peft_config", {}):
             trainer.model.delete_adapter("ref")  # the reference is the starting adapter, already saved by its run
         save_final(trainer, tokenizer, formatter, out)
@@ -356,9 +468,40 @@ def _run(recipe: Recipe, src: RecipeSource, force: bool = False, echo: bool = Tr
     return RunResult(out, trainer.model, tokenizer, metrics)
 
 
+def fit_reports(recipe: Recipe, trainer: Any, reports: list[DataReport], out: Path, say: Any) -> None:
+    """Add what fitting into max_length did to the data reports (printed and saved), and refuse a run
+    that would drop more than data.max_dropped of its training pairs that way."""
+    d = recipe.data
+    lines = []
+    for report in reports:
+        how, needed = trainer.fit_counts.get(report.split), trainer.fit_needed.get(report.split)
+        if how is None:
+            continue
+        record_fit(report, how, needed, d.max_length, d.truncation)
+        done = [f"{FIT_NOTES[w]} {how[w]}" for w in FIT_NOTES if how[w]]
+        if how["drop"]:
+            done.append(f"dropped {how['drop']}")
+        if done:
+            lines.append(f"  {report.split}: {sum(how.values()) - how['fits']} of {sum(how.values())} "
+                         f"{'pairs' if recipe.stage == 'dpo' else 'rows'} longer than data.max_length={d.max_length} "
+                         f"(data.truncation: {d.truncation}): " + ", ".join(done))
+    for line in lines:
+        say(line)
+    if trainer.is_world_process_zero():
+        rundir.write_json(out / "data_report.json", [r.to_dict() for r in reports])
+    train_report = reports[0]
+    if sum(train_report.dropped.values()) > d.max_dropped * train_report.rows_read:
+        raise DataError(too_many_dropped(train_report, d, _describe(d.train),
+                                         "keeps every pair: the end of the prompt and the start of the replies"))
+    if trainer.eval_dataset is not None and len(trainer.eval_dataset) == 0:
+        raise DataError(Problem(_describe(d.eval), f"no eval pair fits data.max_length={d.max_length} "
+                                f"(data.truncation: {d.truncation})", "data.truncation",
+                                fix="use data.truncation=input (keeps the end of the prompt), or raise data.max_length"))
+
+
 def _train(recipe: Recipe, out: Path, dev: Any, start: Start, tokenizer: Any, train: list[dict],
            evaluation_rows: list[dict] | None, precision: str, say: Any, echo: bool, callbacks: list[Any] | None,
-           checkpoint: Path | None) -> tuple[Any, dict[str, Any]]:
+           checkpoint: Path | None, reports: list[DataReport]) -> tuple[Any, dict[str, Any]]:
     import datasets
     from transformers import PrinterCallback
 
@@ -374,7 +517,8 @@ def _train(recipe: Recipe, out: Path, dev: Any, start: Start, tokenizer: Any, tr
     # from its reference; keep the float32 values and put them back (see also train.py).
     trained_weights = {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
     progress = rundir.ProgressLog(out, echo=echo)
-    trainer = guarded_trainer_class(Base)(
+    d = recipe.data
+    trainer = fitting_trainer_class(guarded_trainer_class(Base), d.max_length, d.truncation, tokenizer.bos_token_id)(
         model=model,
         args=_config(recipe, out, precision, dev, evaluation_rows is not None),
         train_dataset=datasets.Dataset.from_list(train),
@@ -386,10 +530,7 @@ def _train(recipe: Recipe, out: Path, dev: Any, start: Start, tokenizer: Any, tr
     for name, p in trainer.model.named_parameters():
         if name in trained_weights:
             p.data = trained_weights[name]
-    for split, rows, data in (("train", train, trainer.train_dataset), ("eval", evaluation_rows, trainer.eval_dataset)):
-        if rows and len(data) < len(rows):
-            say(f"  {split}: {len(rows) - len(data)} of {len(rows)} rows left out: their prompt alone fills "
-                f"data.max_length={recipe.data.max_length} (raise it to keep them)")
+    fit_reports(recipe, trainer, reports, out, say)
     metrics: dict[str, Any] = {"trainable_parameters": trainable, "total_parameters": total}
     pairs, labels, lengths = [], None, []
     if evaluation_rows:

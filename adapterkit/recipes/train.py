@@ -99,7 +99,8 @@ def prepare_data(recipe: Recipe, tokenizer: Any, train_rows: list[RawRow] | None
     return formatter, train, evaluation, reports
 
 
-def too_many_dropped(report: DataReport, d: Any, source: str) -> Problem:
+def too_many_dropped(report: DataReport, d: Any, source: str,
+                     what_input_does: str = "keeps completions whole and shortens inputs") -> Problem:
     """The refusal when more than data.max_dropped of the rows would be dropped, with the fix that fits
     the reasons: a max_length that keeps enough rows (from their real lengths) when length is why."""
     dropped = sum(report.dropped.values())
@@ -112,7 +113,7 @@ def too_many_dropped(report: DataReport, d: Any, source: str) -> Problem:
         full = report.max_length_keeping(1.0)
         fix = (f"raise data.max_length: {length} keeps {1 - d.max_dropped:.0%} of the rows"
                + (f", {full} keeps them all" if full and full > length else "")
-               + (" (data.truncation=input keeps completions whole and shortens inputs)"
+               + (f" (data.truncation=input {what_input_does})"
                   if d.truncation != "input" else "") + f"; or allow more with {allow}")
     return Problem(source, f"{dropped} of {report.rows_read} rows ({dropped / report.rows_read:.1%}) would be "
                    f"dropped: {reasons}", "data.max_dropped", fix=fix)
