@@ -35,9 +35,8 @@ def cache_dir() -> Path:
 
 def _builtin_recipe(name: str, overrides: list[str] | None) -> tuple[Any, Any, Path]:
     """The recipe that builds `name`, and the cache dir keyed by the recipe file, overrides and corpus."""
-    from adapterkit.config import load_recipe
+    from adapterkit.config import find_recipe, load_recipe
     from adapterkit.data.loading import resolve_sample
-    from adapterkit.recipes import find_recipe
 
     if name not in BUILTIN:
         raise ConfigError(Problem("model.name_or_path", f"'builtin:{name}' is not a built-in model",

@@ -54,7 +54,7 @@ OVERRIDES = typer.Argument(None, help="Dotted overrides, e.g. train.max_steps=20
 @recipe_app.command("list")
 def recipe_list() -> None:
     """The shipped recipes, one line each: name, stage, method, task."""
-    from adapterkit.recipes import shipped, summary
+    from adapterkit.config import shipped, summary
 
     rows = [summary(p) for p in shipped().values()]
     widths = {k: max(len(k), *(len(r[k]) for r in rows)) for k in ("name", "stage", "method", "task")}
@@ -67,7 +67,7 @@ def recipe_list() -> None:
 @recipe_app.command("show")
 def recipe_show(name: str = typer.Argument(..., help="A shipped recipe's name or a YAML path.")) -> None:
     """Print a recipe's commented YAML (copy it to start your own)."""
-    from adapterkit.recipes import find_recipe
+    from adapterkit.config import find_recipe
 
     typer.echo(find_recipe(name).read_text(encoding="utf-8"), nl=False)
 
@@ -85,8 +85,7 @@ def recipe_run(
     """Run a recipe: validate it, then train and write the run directory.
 
     Re-running the same command on an interrupted run resumes from its newest checkpoint."""
-    from adapterkit.config import dump_recipe, load_recipe
-    from adapterkit.recipes import find_recipe
+    from adapterkit.config import dump_recipe, find_recipe, load_recipe
     from adapterkit.recipes import pipeline as pipelines
 
     path = find_recipe(name)

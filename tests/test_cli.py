@@ -8,10 +8,10 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import write_jsonl
 
 from adapterkit.cli import main
-from adapterkit.recipes import shipped
-from conftest import write_jsonl
+from adapterkit.config import shipped
 
 
 def cli(capsys, *args: str) -> tuple[int, str, str]:

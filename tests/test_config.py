@@ -5,10 +5,18 @@ from __future__ import annotations
 
 import pytest
 
-from adapterkit.config import (Recipe, apply_overrides, dump_recipe, load_recipe, parse_recipe, read_recipe_yaml,
-                               recipe_to_dict)
+from adapterkit.config import (
+    Recipe,
+    apply_overrides,
+    dump_recipe,
+    load_recipe,
+    parse_recipe,
+    read_recipe_yaml,
+    recipe_to_dict,
+    shipped,
+    summary,
+)
 from adapterkit.errors import ConfigError
-from adapterkit.recipes import shipped, summary
 from adapterkit.recipes.pipeline import is_pipeline, load_pipeline, resolve
 
 ALL_METHODS = {"full", "lora", "qlora", "prompt_tuning", "prefix_tuning", "p_tuning"}

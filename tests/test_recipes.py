@@ -7,10 +7,9 @@ import json
 
 import pytest
 
-from adapterkit.config import load_recipe
+from adapterkit.config import load_recipe, shipped, summary
 from adapterkit.data.formatter import FormatSpec, Formatter
 from adapterkit.data.loading import read_rows
-from adapterkit.recipes import shipped, summary
 from adapterkit.recipes.train import run
 
 SFT = sorted(n for n in shipped() if summary(shipped()[n])["stage"] == "sft")

@@ -1,0 +1,178 @@
+"""Rules across fields: combinations the schema's types alone cannot refuse."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import string
+from typing import Any
+
+from adapterkit.config.schema import (
+    DPO_LOSSES,
+    KTO_LOSSES,
+    SECTION_METHODS,
+    SOFT_PROMPT_METHODS,
+    Recipe,
+)
+from adapterkit.config.source import RecipeSource
+from adapterkit.config.typed import _where
+from adapterkit.data.tasks import TASKS  # the task table is the one home of field names
+from adapterkit.errors import Problem, did_you_mean
+
+
+def _numbers(obj: Any, prefix: str = "") -> list[tuple[str, float]]:
+    """(dotted key, value) of every float in a recipe's config dataclasses."""
+    out = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            out += _numbers(value, key + ".")
+        elif isinstance(value, float):
+            out.append((key, value))
+    return out
+
+
+def packs(recipe: Recipe) -> bool:
+    """Whether the run packs its examples (`data.packing`, with `auto` decided)."""
+    if recipe.data.packing == "auto":
+        return recipe.adapter.method not in SOFT_PROMPT_METHODS and recipe.stage in ("pretrain", "sft")
+    return bool(recipe.data.packing)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rules across fields
+
+
+def _check(recipe: Recipe, src: RecipeSource) -> list[Problem]:
+
+    problems: list[Problem] = []
+
+    def bad(key: str, message: str, fix: str) -> None:
+        problems.append(Problem(_where(src, key), message, key, fix))
+
+    def at_least(key: str, value: float | None, low: float) -> None:
+        if value is not None and math.isfinite(value) and value < low:
+            bad(key, f"{value!r} is too small", f"use a value >= {low}")
+
+    # YAML reads .nan and .inf as floats: they pass every range check and fail only once training starts.
+    for key, value in _numbers(recipe):
+        if not math.isfinite(value):
+            bad(key, f"{value!r} is not a finite number", "use a finite number")
+
+    m, a, d, t = recipe.model, recipe.adapter, recipe.data, recipe.train
+    for key, value, low in [
+        ("model.vocab_size", m.vocab_size, 256), ("adapter.lora.r", a.lora.r, 1),
+        ("adapter.lora.alpha", a.lora.alpha, 1e-9), ("adapter.prompt.num_virtual_tokens", a.prompt.num_virtual_tokens, 1),
+        ("data.max_length", d.max_length, 8), ("train.batch_size", t.batch_size, 1),
+        ("train.grad_accum", t.grad_accum, 1), ("train.lr", t.lr, 1e-12), ("train.max_steps", t.max_steps, 1),
+        ("train.log_every", t.log_every, 1), ("train.eval_every", t.eval_every, 1),
+        ("train.save_every", t.save_every, 1), ("train.save_total_limit", t.save_total_limit, 1),
+        ("train.weight_decay", t.weight_decay, 0), ("train.max_grad_norm", t.max_grad_norm, 0),
+        ("adapter.prompt.encoder_hidden_size", a.prompt.encoder_hidden_size, 1),
+        ("eval.limit", recipe.eval.limit, 1), ("eval.max_new_tokens", recipe.eval.max_new_tokens, 1),
+        ("eval.batch_size", recipe.eval.batch_size, 1), ("eval.worst", recipe.eval.worst, 0),
+    ]:
+        at_least(key, value, low)
+    for name, value in vars(m.architecture).items():
+        at_least(f"model.architecture.{name}", value, 1)
+    if not 0 <= a.lora.dropout < 1:
+        bad("adapter.lora.dropout", f"{a.lora.dropout!r} is out of range", "use a value in [0, 1)")
+    if not 0 <= d.max_dropped <= 1:
+        bad("data.max_dropped", f"{d.max_dropped!r} is out of range", "use a fraction in [0, 1], e.g. 0.05")
+    if not 0 <= t.warmup_ratio < 1:
+        bad("train.warmup_ratio", f"{t.warmup_ratio!r} is out of range", "use a value in [0, 1)")
+    if t.max_steps is None and t.epochs <= 0:
+        bad("train.epochs", f"{t.epochs!r} must be positive", "set train.epochs > 0 or train.max_steps")
+
+    # Method-specific sections only make sense for their method.
+    owners = SECTION_METHODS
+    method_overridden = src.where.get("adapter.method", "").startswith("override")
+    for section, methods in owners.items():
+        # Switching adapter.method on the command line leaves the file's other-method sections unused;
+        # that is the user's intent, not a mistake. Setting both in one place is.
+        section_overridden = src.where.get(f"adapter.{section}", "").startswith("override")
+        if method_overridden and not section_overridden:
+            continue
+        if section in src.data.get("adapter", {}) and a.method not in methods:
+            bad(f"adapter.{section}", f"is set but adapter.method is '{a.method}'",
+                f"remove adapter.{section}, or set adapter.method to one of: {', '.join(methods)}")
+    # (Under another family's method the whole prompt section is unused, and reported above if it is a mistake.)
+    if a.prompt.init_text is not None and a.method in SOFT_PROMPT_METHODS and a.method != "prompt_tuning":
+        bad("adapter.prompt.init_text", f"only prompt_tuning uses it, not '{a.method}'", "remove it")
+    if a.prompt.encoder_hidden_size is not None and a.method in SOFT_PROMPT_METHODS and a.method != "p_tuning":
+        bad("adapter.prompt.encoder_hidden_size", f"only p_tuning uses it, not '{a.method}'", "remove it")
+
+    if m.init == "scratch" and a.method != "full":
+        bad("adapter.method", f"'{a.method}' needs pretrained weights but model.init is 'scratch'",
+            "use adapter.method=full to train a model from scratch")
+    if m.init == "scratch" and recipe.stage != "pretrain":
+        bad("model.init", "'scratch' only makes sense for stage 'pretrain'", "set stage: pretrain, or model.init=pretrained")
+    if recipe.stage == "pretrain" and d.task != "text":
+        bad("data.task", f"stage 'pretrain' trains on raw text, not '{d.task}'", "set data.task=text")
+    if recipe.stage == "pretrain" and a.method in SOFT_PROMPT_METHODS:
+        bad("adapter.method", f"'{a.method}' is not a way to pretrain", "use full, lora or qlora")
+    # The preference stages: their own data, losses and methods.
+    pref_task = {"dpo": "preference", "kto": "unpaired"}
+    if recipe.stage in pref_task and d.task != pref_task[recipe.stage]:
+        bad("data.task", f"stage '{recipe.stage}' trains on '{pref_task[recipe.stage]}' data, not '{d.task}'",
+            f"set data.task={pref_task[recipe.stage]}")
+    if recipe.stage not in pref_task and d.task in pref_task.values():
+        stage = next(k for k, v in pref_task.items() if v == d.task)
+        bad("data.task", f"'{d.task}' data is for stage '{stage}', not '{recipe.stage}'", f"set stage: {stage}")
+    if recipe.stage in pref_task and a.method in SOFT_PROMPT_METHODS:
+        bad("adapter.method", f"'{a.method}' is not supported for stage '{recipe.stage}'", "use lora, qlora or full")
+    losses = {"dpo": DPO_LOSSES, "kto": KTO_LOSSES}.get(recipe.stage, ())
+    if recipe.preference.loss is not None and recipe.preference.loss not in losses:
+        bad("preference.loss", f"'{recipe.preference.loss}' is not a loss of stage '{recipe.stage}'",
+            f"use one of: {', '.join(losses)}" if losses else "remove preference (only stages dpo and kto use it)")
+    if not 0 <= recipe.preference.label_smoothing < 0.5:
+        bad("preference.label_smoothing", f"{recipe.preference.label_smoothing!r} is out of range",
+            "use a value in [0, 0.5)")
+    at_least("preference.beta", recipe.preference.beta, 1e-9)
+    # A run given on the command line replaces the file's model; both given in one place is a mistake.
+    named_where = src.where.get("model.name_or_path", "")
+    if m.from_run is not None and named_where and (named_where.startswith("override")
+                                                   == src.where.get("model.from_run", "").startswith("override")):
+        bad("model.from_run", "is set together with model.name_or_path, but the run decides the model",
+            "remove model.name_or_path (or model.from_run)")
+    if m.from_run is not None and m.init == "scratch":
+        bad("model.from_run", "cannot be combined with model.init: scratch", "remove one of them")
+    if d.packing is True and a.method in SOFT_PROMPT_METHODS:
+        bad("data.packing", f"packing cannot be combined with '{a.method}': virtual tokens are prepended to each "
+            "sequence, so packed examples would share one prompt", "set data.packing=false")
+    if a.method == "prefix_tuning" and t.gradient_checkpointing is True:
+        bad("train.gradient_checkpointing", "prefix_tuning fails with gradient checkpointing (the attention mask "
+            "is not extended by the virtual tokens)", "set train.gradient_checkpointing=false")
+    if m.init == "pretrained" and "model.architecture" in src.where:
+        bad("model.architecture", "only used with model.init: scratch", "remove it, or set model.init: scratch")
+
+    spec = TASKS[d.task]
+    for field_name in d.columns:
+        if field_name not in spec.fields:
+            hint = did_you_mean(field_name, spec.fields)
+            bad(f"data.columns.{field_name}", f"'{field_name}' is not a field of task '{d.task}'"
+                + (f" ({hint})" if hint else ""),
+                f"map the task's fields ({', '.join(spec.fields)}) to your column names, e.g. "
+                f"columns: {{{spec.fields[0]}: my_column}}")
+    if d.template is not None:
+        if spec.kind not in ("prompt_completion", "preference", "unpaired"):
+            bad("data.template", f"task '{d.task}' has no prompt template", "remove data.template")
+        else:
+            try:
+                placeholders = {f for _, f, _, _ in string.Formatter().parse(d.template) if f}
+            except ValueError as e:
+                placeholders = set()
+                bad("data.template", f"{d.template!r} is not a valid template ({e})",
+                    "use {field} placeholders; write {{ and }} for literal braces")
+            # The fields a template may not show: what the model is to produce (and a kto row's verdict).
+            answers = {"preference": ("chosen", "rejected"), "unpaired": ("completion", "label")}.get(
+                spec.kind, (spec.fields[-1] if spec.target is None else spec.target,))
+            unknown = sorted(placeholders - set(spec.fields))
+            if unknown:
+                bad("data.template", f"unknown placeholder(s) {unknown}",
+                    f"use the fields of task '{d.task}': {', '.join(f for f in spec.fields if f not in answers)}")
+            for target in (f for f in answers if f in placeholders):
+                bad("data.template", f"the template must not contain the answer field '{target}'",
+                    "the template is the prompt; the completion is appended after it")
+    return problems
