@@ -1,7 +1,7 @@
 """adapterkit: fine-tune language models on one consumer GPU, with recipes that run end to end.
 
 Entry points: the `adapterkit` CLI (`adapterkit.cli`), `adapterkit.config.load_recipe` and
-`adapterkit.recipes.train.run`.
+`adapterkit.stages.run` (any stage; `adapterkit.stages.STAGES` lists them).
 """
 
 import os

@@ -86,7 +86,7 @@ def recipe_run(
 
     Re-running the same command on an interrupted run resumes from its newest checkpoint."""
     from adapterkit.config import dump_recipe, find_recipe, load_recipe
-    from adapterkit.recipes import pipeline as pipelines
+    from adapterkit.stages import pipeline as pipelines
 
     path = find_recipe(name)
     if pipelines.is_pipeline(path):
@@ -104,12 +104,9 @@ def recipe_run(
                    (f" with overrides: {' '.join(src.command_line)}" if src.command_line else ""))
         typer.echo(dump_recipe(recipe), nl=False)
         return
-    if recipe.stage in ("dpo", "kto"):
-        from adapterkit.recipes.preference import run
-    else:
-        from adapterkit.recipes.train import run
+    from adapterkit import stages
 
-    run(recipe, src, force=force, restart=restart, resume_anyway=resume_anyway)
+    stages.run(recipe, src, force=force, restart=restart, resume_anyway=resume_anyway)
 
 
 @data_app.command("preview")
@@ -123,7 +120,7 @@ def data_preview(
     from adapterkit.config import load_recipe
     from adapterkit.data.formatter import IGNORE
     from adapterkit.errors import ConfigError, Problem
-    from adapterkit.recipes.train import prepare_data, tokenizer_for
+    from adapterkit import stages
 
     if split not in ("train", "eval"):
         raise ConfigError(Problem("--split", f"'{split}' is not a split", fix="use --split train or --split eval"))
@@ -131,23 +128,18 @@ def data_preview(
     d = recipe.data
     if split == "eval" and d.eval is None:
         raise ConfigError(Problem("data.eval", "the recipe has no eval data", fix="use --split train"))
-    if recipe.stage in ("dpo", "kto"):
-        from adapterkit.recipes import preference
-
-        start = preference.starting_point(recipe)
-        tokenizer = _tokenizer_of(recipe, start)
-        formatter, train, evaluation, reports = preference.prepare_data(recipe, tokenizer, start)
-        records, report = (train, reports[0]) if split == "train" else (evaluation, reports[1])
+    stages.ensure_base(recipe)
+    data = stages.STAGES[recipe.stage].data(recipe)
+    formatter, tokenizer = data.formatter, data.tokenizer
+    examples, report = (data.train, data.reports[0]) if split == "train" else (data.evaluation, data.reports[1])
+    if examples and "input_ids" not in examples[0]:  # preference data, tokenized later by trl
         typer.echo(f"task {d.task}, {formatter.spec.mode} template; trl adds EOS to each completion")
         typer.echo(report.summary())
-        for i, rec in enumerate(records[:n]):
+        for i, rec in enumerate(examples[:n]):
             typer.echo(typer.style(f"\n--- example {i}", bold=True))
             for key, value in rec.items():
                 typer.echo(typer.style(f"[{key}]", fg="cyan") + f" {value}")
         return
-    _, tokenizer, train_rows = tokenizer_for(recipe)
-    formatter, train, evaluation, reports = prepare_data(recipe, tokenizer, train_rows)
-    examples, report = (train, reports[0]) if split == "train" else (evaluation, reports[1])
     typer.echo(f"task {d.task}, {formatter.spec.mode} template; supervised tokens are shown between ⟦ and ⟧")
     typer.echo(report.summary())
     for i, ex in enumerate(examples[:n]):
@@ -192,13 +184,6 @@ def eval_command(
                                    base=not no_base, say=typer.echo)
     typer.echo(metrics_table(summary))
     typer.echo(f"wrote {where / 'metrics.json'}, {where / 'report.md'} and {where / 'worst_examples.jsonl'}")
-
-
-def _tokenizer_of(recipe, start):
-    from adapterkit import models
-
-    where = start.adapter_dir or (start.from_run / "model" if start.from_run else None)
-    return models.load_tokenizer(recipe.model, str(where or recipe.model.tokenizer or start.source))
 
 
 @app.command("export")

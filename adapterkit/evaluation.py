@@ -31,11 +31,13 @@ from typing import Any
 import torch
 
 from adapterkit import metrics as M
-from adapterkit import rundir
-from adapterkit.config import EvalConfig
-from adapterkit.data.formatter import Formatter, TemplateRejected
-from adapterkit.data.loading import RawRow
+from adapterkit import models, rundir
+from adapterkit.config import DataConfig, EvalConfig
+from adapterkit.data.formatter import Formatter, TemplateRejected, label_set
+from adapterkit.data.loading import RawRow, read_rows
+from adapterkit.data.tasks import TASKS
 from adapterkit.errors import AdapterkitError, DataError, Problem
+from adapterkit.trained import load_trained, locate
 
 # Generation length per task when eval.max_new_tokens is not set: long enough for the references
 # these tasks have, short enough that a CPU evaluation stays minutes, not hours.
@@ -388,14 +390,6 @@ def evaluate_path(path: str, data: str | None = None, task: str | None = None, s
     Returns (metrics.json's content, the directory written)."""
     from dataclasses import replace
 
-    from adapterkit import models
-    from adapterkit.config import DataConfig
-    from adapterkit.data.formatter import label_set
-    from adapterkit.data.loading import read_rows
-    from adapterkit.data.tasks import TASKS
-    from adapterkit.trained import load_trained
-
-    from adapterkit.trained import locate
 
     run_dir, model_dir = locate(path)
     if out is None:
@@ -455,7 +449,7 @@ def evaluate_path(path: str, data: str | None = None, task: str | None = None, s
         elif trained.manifest.get("model_source") not in (None, "scratch"):
             # A full run's starting weights are another copy of the model: free the tuned one first.
             del trained.model
-            start = models.load_model(recipe.model, trained.manifest["model_source"], trained.dtype)
+            start = models.load_base(recipe.model, trained.manifest["model_source"], "fp32", dtype=trained.dtype)
             results["base"] = evaluate(start, examples, formatter, config, say, "base")
         results = {k: results[k] for k in ("base", "tuned") if k in results}
     summary = compare(results, examples, formatter, skipped, config.worst)

@@ -355,7 +355,7 @@ def _merge(trained: Trained, dtype: torch.dtype, base: str, dev: torch.device) -
     elif method.quantized_base or dtype != trained.dtype:
         del model
         gc.collect()
-        fresh = models.load_model(trained.recipe.model, trained.base_source, dtype).to(dev)
+        fresh = models.load_base(trained.recipe.model, trained.base_source, "fp32", dtype=dtype).to(dev)
         model = PeftModel.from_pretrained(fresh, str(trained.model_dir), is_trainable=False)
         what = f"the adapter merged into the original base weights ({trained.base_source}) loaded in {name}"
         if method.quantized_base:

@@ -12,7 +12,9 @@ from typing import Any, Iterable
 
 import torch
 
-from adapterkit.config import ModelConfig
+from adapterkit import builtin
+from adapterkit.adapters import METHODS
+from adapterkit.config.schema import ModelConfig, QuantSettings
 from adapterkit.errors import AdapterkitError, ConfigError, Problem
 
 # Llama-style size presets for `model.init: scratch` (parameters excluding embeddings in brackets).
@@ -87,7 +89,7 @@ def resolve_optimizer(name: str, method: str, dev_type: str) -> str:
     """`auto` -> paged 8-bit AdamW for QLoRA on a GPU (QLoRA's own recipe), else AdamW."""
     if name != "auto":
         return name
-    return "paged_adamw_8bit" if method == "qlora" and dev_type == "cuda" else "adamw"
+    return "paged_adamw_8bit" if METHODS[method].quantized_base and dev_type == "cuda" else "adamw"
 
 
 def resolve_dtype(name: str, trains_base: bool, precision: str) -> torch.dtype:
@@ -119,6 +121,21 @@ def max_positions(config: Any) -> int | None:
     return None
 
 
+def model_problems(recipe: Any, config: Any, quantized_matrices: int) -> list[Problem]:
+    """Why the recipe's method and data.max_length cannot train the model of `config` (none when they
+    can), known from the config alone, before any weight is loaded. `quantized_matrices`: the linear layers
+    bitsandbytes would make 4-bit."""
+    method = METHODS[recipe.adapter.method]
+    name = type(config).__name__.removesuffix("Config")
+    problems = length_problems(recipe.data.max_length, config, method.virtual_tokens(recipe.adapter))
+    if method.quantized_base and quantized_matrices == 0:
+        problems.append(Problem("adapter.method", f"'{method.name}': transformers quantises no layer of {name} "
+                                "models (bitsandbytes replaces only plain nn.Linear and Conv1D layers), so there "
+                                "would be no 4-bit base to train on", fix="use adapter.method=lora (the same "
+                                "adapters on the unquantised base)"))
+    return problems
+
+
 def length_problems(max_length: int, config: Any, extra: int = 0) -> list[Problem]:
     """data.max_length (plus `extra` virtual tokens) against the positions the model has."""
     limit = max_positions(config)
@@ -144,11 +161,15 @@ def _looks_local(name: str) -> bool:
 
 
 def model_source(cfg: ModelConfig) -> str:
-    """The directory or hub id weights come from; builds the built-in base on first use."""
+    """The directory or hub id weights come from (for a `builtin:` base, its cache directory: the stage
+    dispatcher builds it first, `adapterkit.stages.ensure_base`)."""
     if cfg.name_or_path.startswith("builtin:"):
-        from adapterkit.builtin import ensure_builtin
-
-        return str(ensure_builtin(cfg.name_or_path.removeprefix("builtin:")))
+        built = builtin.model_dir(cfg.name_or_path.removeprefix("builtin:"))
+        if built is None:
+            raise ConfigError(Problem("model.name_or_path", f"'{cfg.name_or_path}' has not been built yet",
+                                      fix="run any recipe on it once (it is built on first use), e.g. "
+                                          "`adapterkit recipe run lora-sentiment`"))
+        return str(built)
     if _looks_local(cfg.name_or_path):
         path = Path(cfg.name_or_path).expanduser()
         if not (path / "config.json").is_file():
@@ -247,6 +268,31 @@ def load_model(cfg: ModelConfig, source: str, dtype: torch.dtype, quantization_c
                                       "Conv1D layers), so there is no 4-bit base to train on",
                                       fix="use adapter.method=lora (the same adapters on the unquantised base)"))
     return model
+
+
+def quantization_config(quant: QuantSettings, compute_dtype: torch.dtype) -> Any:
+    """bitsandbytes 4-bit settings for a QLoRA base (`adapter.quant`)."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant.type,
+        bnb_4bit_use_double_quant=quant.double_quant,
+        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_quant_storage=torch.uint8,
+    )
+
+
+def load_base(cfg: ModelConfig, source: str, precision: str, trains_base: bool = False,
+              quant: QuantSettings | None = None, dtype: torch.dtype | None = None,
+              dev: torch.device | None = None) -> Any:
+    """The base model, loaded the same way on every path (training, the preference step, reloading a
+    run, export, evaluation): in `model.dtype` resolved for the run's precision (float32 when the base
+    itself trains), or `dtype` when the caller needs another; 4-bit with `quant`'s settings (QLoRA) on
+    `dev`, else on the CPU for the caller to move."""
+    dtype = dtype or resolve_dtype(cfg.dtype, trains_base, precision)
+    bnb = quantization_config(quant, resolve_dtype(quant.compute_dtype, False, precision)) if quant else None
+    return load_model(cfg, source, dtype, bnb, dev)
 
 
 def linear_4bit_layers(model: Any) -> list[Any]:

@@ -34,9 +34,13 @@ from typing import Any
 import torch
 
 from adapterkit import models
-from adapterkit.adapters import METHODS, model_problems, virtual_tokens
+from adapterkit.adapters import METHODS
+from adapterkit.adapters.lora import lora_config
+from adapterkit.adapters.soft_prompt import peft_config
+from adapterkit.builtin import BUILTIN, builtin_run_dir
 from adapterkit.config import Recipe, load_recipe, packs
 from adapterkit.errors import AdapterkitError, ConfigError, Problem
+from adapterkit.trained import ADAPTER_CONFIG, locate
 
 KiB, MiB, GiB = 1024, 1024**2, 1024**3
 UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -83,9 +87,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
 
 def optimizer_of(train: Any, method: str, device: str) -> str:
     """The optimizer a run uses: `train.optimizer`, with `auto` resolved as training resolves it."""
-    from adapterkit.models import resolve_optimizer
-
-    return resolve_optimizer(train.optimizer, method, device)
+    return models.resolve_optimizer(train.optimizer, method, device)
 
 
 def parse_memory(text: str, where: str = "--gpu-memory") -> int:
@@ -225,15 +227,11 @@ def trainable(config: Any, adapter: Any, trust_remote_code: bool = False) -> Tra
     if method.family == "lora":
         from peft.tuners.lora import LoraLayer
 
-        from adapterkit.adapters.lora import lora_config
-
         model = get_peft_model(model, lora_config(adapter.lora))
         adapted = tuple((m.in_features, m.out_features, m.r["default"]) for m in model.modules()
                         if isinstance(m, LoraLayer))
         what = f"LoRA r{adapter.lora.r} on {len(adapted)} modules" + (" + DoRA magnitudes" if adapter.lora.dora else "")
     else:
-        from adapterkit.adapters.soft_prompt import peft_config
-
         # A text-initialised prompt has the same shape as a random one; the tokenizer is not needed here.
         shaped = dataclasses.replace(adapter, prompt=dataclasses.replace(adapter.prompt, init_text=None))
         model = get_peft_model(model, peft_config(shaped, None, config))
@@ -279,16 +277,12 @@ def model_config(recipe: Recipe, config_path: str | None = None) -> tuple[Any, s
         return models.scratch_config(m, _Vocab(size)), f"scratch {m.size}"
     name = m.name_or_path
     if m.from_run is not None:
-        from adapterkit.trained import ADAPTER_CONFIG, locate
-
         _, model_dir = locate(m.from_run)
         if not (model_dir / "config.json").is_file():
             name = json.loads((model_dir / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
         else:
             name = str(model_dir)
     if name.startswith("builtin:"):
-        from adapterkit.builtin import BUILTIN, builtin_run_dir
-
         built = builtin_run_dir(name.removeprefix("builtin:")) / "model" / "config.json"
         if built.is_file():
             return _read_config(str(built), "model.name_or_path", False), name
@@ -408,7 +402,7 @@ def plan(recipe: Recipe, facts: ModelFacts, device: str = "cuda", padded: bool |
     does unless the recipe pretrains on wrapped blocks."""
     a, t, arch = recipe.adapter, recipe.train, facts.arch
     method = METHODS[a.method]
-    problems = model_problems(recipe, facts.config, arch.quantized_matrices)
+    problems = models.model_problems(recipe, facts.config, arch.quantized_matrices)
     if problems:
         raise ConfigError(problems)
     if device == "cuda":
@@ -431,7 +425,7 @@ def plan(recipe: Recipe, facts: ModelFacts, device: str = "cuda", padded: bool |
     # Tokens per micro-batch. Preference stages score two sequences per example (chosen and rejected,
     # or the completion and its KL counterpart); soft prompts lengthen every sequence.
     seqs = t.batch_size * (2 if recipe.stage in ("dpo", "kto") else 1)
-    seq = recipe.data.max_length + virtual_tokens(a)
+    seq = recipe.data.max_length + METHODS[a.method].virtual_tokens(a)
     tokens = seqs * seq
     if recipe.stage in ("dpo", "kto"):
         notes.append(f"stage {recipe.stage}: planned as 2 sequences per example with the sft formula (not measured)")
@@ -476,7 +470,7 @@ def plan(recipe: Recipe, facts: ModelFacts, device: str = "cuda", padded: bool |
     mask_once = seqs * seq * seq if padded else 0  # transformers' bool (batch, 1, seq, seq) mask, shared
     saved_plain = tokens * (arch.layers * per_layer + adapter_terms + outside) + mask_once
     saved_ckpt = tokens * (arch.layers * d.stream * arch.hidden + outside) + mask_once
-    checkpointing = t.gradient_checkpointing is True and a.method != "prefix_tuning"
+    checkpointing = t.gradient_checkpointing is True and METHODS[a.method].can_checkpoint
     activations = saved_ckpt if checkpointing else saved_plain
 
     # The largest transient on top of the saved activations.
@@ -487,7 +481,7 @@ def plan(recipe: Recipe, facts: ModelFacts, device: str = "cuda", padded: bool |
     layer_bwd = tokens * (d.linear_out * arch.intermediate + 2 * 4 * arch.hidden)
     if method.quantized_base:
         layer_bwd += arch.largest_linear * d.compute  # a 4-bit weight dequantised for its matmul
-    if a.method in ("lora", "qlora") and a.lora.dora:
+    if "lora" in METHODS[a.method].sections and a.lora.dora:
         # DoRA materialises W + BA of a layer to take its norm (float32), in forward and backward.
         layer_bwd += 3 * 4 * arch.largest_linear
     if checkpointing:
@@ -640,12 +634,12 @@ def candidates(recipe: Recipe, device: str) -> list[dict[str, str]]:
     accumulation (the same effective batch), then an 8-bit / paged 8-bit optimizer, then LoRA instead
     of full fine-tuning, then QLoRA instead of LoRA."""
     a, t = recipe.adapter, recipe.train
-    methods = {"full": ["full", "lora", "qlora"], "lora": ["lora", "qlora"]}.get(a.method, [a.method])
+    methods = [a.method, *METHODS[a.method].lighter]
     current = optimizer_of(t, a.method, device)
     optimizers = [current]
     if device == "cuda" and current == "adamw":
         optimizers += ["adamw_8bit", "paged_adamw_8bit"]
-    can_checkpoint = a.method != "prefix_tuning"
+    can_checkpoint = METHODS[a.method].can_checkpoint
     t = dataclasses.replace(t, gradient_checkpointing=t.gradient_checkpointing is True)  # auto plans as off
     out = []
     for method in methods:
@@ -713,8 +707,8 @@ def auto_checkpointing(recipe: Recipe, facts: ModelFacts, device: str, budget: i
     """Whether `train.gradient_checkpointing: auto` turns checkpointing on, given `budget` bytes of free
     memory: only when the plan without it does not fit (and the method can checkpoint). The reason
     comes second, for the log."""
-    if recipe.adapter.method == "prefix_tuning":
-        return False, "off (prefix tuning cannot checkpoint)"
+    if not METHODS[recipe.adapter.method].can_checkpoint:
+        return False, f"off ({recipe.adapter.method} cannot checkpoint)"
     slack = 1 + (CPU_SLACK if device == "cpu" else 0)
     without = int(plan(with_checkpointing(recipe, False), facts, device).total * slack)
     if without <= budget:
@@ -736,15 +730,14 @@ def free_memory(dev: torch.device, processes: int = 1) -> int:
 
 
 def resolve_checkpointing(recipe: Recipe, config: Any, model_name: str, dev: torch.device,
-                          processes: int = 1) -> tuple[Recipe, str]:
-    """The recipe with `train.gradient_checkpointing: auto` decided for this device (unchanged when it
-    is true or false), and the reason ("" when it was not auto)."""
+                          processes: int = 1) -> tuple[bool, str]:
+    """Whether the run checkpoints: `train.gradient_checkpointing` as set, or `auto` decided for this
+    device; and the reason ("" when it was not auto)."""
     if recipe.train.gradient_checkpointing != "auto":
-        return recipe, ""
+        return recipe.train.gradient_checkpointing is True, ""
     budget = free_memory(dev, processes)
     facts = ModelFacts.of(config, model_name, recipe.model.trust_remote_code)
-    on, why = auto_checkpointing(recipe, facts, "cuda" if dev.type == "cuda" else "cpu", budget)
-    return with_checkpointing(recipe, on), why
+    return auto_checkpointing(recipe, facts, "cuda" if dev.type == "cuda" else "cpu", budget)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -771,7 +764,7 @@ def render(p: MemoryPlan, budget: int | None = None, suggestion: Suggestion | No
     for label, n in p.weights.items():
         row(label, n, indent=4)
     row("trainable parameters", p.trainable * 4, f"{p.trainable:,} ({p.trainable_what}), in the weights above"
-        if s["method"] != "full" else f"{p.trainable:,} (every weight), in the weights above")
+        if not METHODS[s["method"]].trains_base else f"{p.trainable:,} (every weight), in the weights above")
     row("gradients", p.gradients, "one per trainable parameter")
     opt = OPTIMIZERS[s["optimizer"]]
     row("optimizer state", p.optimizer_state, opt.what)

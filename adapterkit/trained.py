@@ -88,7 +88,7 @@ def load_trained(path: str | Path, dev: torch.device | None = None, dtype: torch
 
     if not (model_dir / ADAPTER_CONFIG).is_file():
         dtype = dtype or _saved_dtype(model_dir)
-        model = models.load_model(model_cfg, str(model_dir), dtype, dev=dev).to(dev)
+        model = models.load_base(model_cfg, str(model_dir), "fp32", dtype=dtype).to(dev)
         model.eval()
         return Trained(model, tokenizer, model_dir, run_dir, recipe, manifest, spec, method, None, dtype)
 
@@ -99,18 +99,12 @@ def load_trained(path: str | Path, dev: torch.device | None = None, dtype: torch
     if not base_source or not (Path(base_source).is_dir() or not models._looks_local(base_source)):
         raise AdapterkitError(Problem(str(model_dir / ADAPTER_CONFIG), f"the adapter's base model '{base_source}' "
                                       "cannot be found", fix="restore the base model at that path, or retrain"))
-    quant = None
-    if method is not None and method.quantized_base:
-        precision = manifest.get("precision", "fp32")
-        compute = models.resolve_dtype(recipe.adapter.quant.compute_dtype, False, precision)
-        from adapterkit.adapters.lora import quantization_config
-
-        quant = quantization_config(recipe.adapter.quant, compute)
-    if dtype is None:
-        precision = manifest.get("precision", "fp32")
-        dtype = models.resolve_dtype(model_cfg.dtype, False, precision) if recipe else torch.float32
-    base = models.load_model(model_cfg, base_source, dtype, quant, dev)
-    if quant is None:
+    quantized = method is not None and method.quantized_base
+    precision = manifest.get("precision", "fp32")
+    dtype = dtype or (models.resolve_dtype(model_cfg.dtype, False, precision) if recipe else torch.float32)
+    base = models.load_base(model_cfg, base_source, precision, quant=recipe.adapter.quant if quantized else None,
+                            dtype=dtype, dev=dev)
+    if not quantized:
         base = base.to(dev)
     model = soft_prompt.fix_generation(PeftModel.from_pretrained(base, str(model_dir), is_trainable=False))
     model.eval()

@@ -5,7 +5,7 @@
 
 Writes benchmarks/results/memory_plan.json and memory_plan.md (predicted vs measured, and their ratio).
 
-Each configuration is `adapterkit recipe run`'s own training (adapterkit.recipes.train.run: trl's
+Each configuration is `adapterkit recipe run`'s own training (adapterkit.stages.run: trl's
 SFTTrainer, the real loss, the real optimizer) for 2 optimizer steps, on one of two Llama-style models
 built here (no download). The data makes every micro-batch (batch, max_length) with padding: the batch
 is the whole data set, one row longer than max_length (truncated) and the others shorter (see
@@ -177,7 +177,7 @@ def software_bf16(extra: list[str]) -> Iterator[None]:
 def measure(model_dir: Path, method: str, seq: int, batch: int, extra: list[str], work: Path) -> dict[str, int]:
     """Train 2 steps through adapterkit and return the measured peak and the memory live at the start."""
     from adapterkit.config import load_recipe
-    from adapterkit.recipes.train import run
+    from adapterkit.stages import run
 
     out = work / "run"
     shutil.rmtree(out, ignore_errors=True)

@@ -161,7 +161,7 @@ def run_adapterkit(seed: int, steps: int, sft: Path, train: Path, heldout: Path,
     """The shipped dpo-preference recipe, continuing the SFT run, with the same settings (and the
     variant's overrides)."""
     from adapterkit.config import load_recipe
-    from adapterkit.recipes.preference import run  # stage dpo (recipes.train.run is the sft stage)
+    from adapterkit.stages import run
 
     record: dict[str, Any] = {}
     extra = [o.replace("{merged}", str(sft.parent / "sft-merged")) for o in VARIANTS[variant]]
@@ -294,7 +294,7 @@ def length_stats(tokenizer: Any, records: list[dict[str, Any]]) -> dict[str, Any
 def data_views(sft: Path, train: Path, heldout: Path, tokenizer: Any) -> dict[str, Any]:
     """One formatted example as each tool trains on it, and length statistics of both views."""
     from adapterkit.config import load_recipe
-    from adapterkit.recipes.preference import prepare_data, starting_point
+    from adapterkit.stages.preference import prepare_data, starting_point
 
     recipe, _ = load_recipe("dpo-preference", [f"model.from_run={sft}", f"data.train={train}", f"data.eval={heldout}",
                                                 f"data.max_length={MAX_LENGTH}"])
@@ -334,7 +334,7 @@ def prepare(work: Path) -> tuple[Path, Path, dict[str, Any]]:
 def sft_and_merge(work: Path) -> tuple[Path, Path, float]:
     """The shared start: lora-sentiment for 30 steps on builtin:tiny, and its adapter merged into its base."""
     from adapterkit.config import load_recipe
-    from adapterkit.recipes.train import run
+    from adapterkit.stages import run
     from adapterkit.trained import load_trained
 
     t = time.perf_counter()

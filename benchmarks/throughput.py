@@ -188,7 +188,7 @@ def run_adapterkit(model_dir: Path, data: Path, method: str, out: Path, meter: M
                    extra: tuple[str, ...] = ()) -> dict[str, Any]:
     """The shipped recipe with its defaults (and `extra` overrides), on the same model and rows."""
     from adapterkit.config import load_recipe, packs
-    from adapterkit.recipes.train import run
+    from adapterkit.stages import run
 
     recipe, src = load_recipe(RECIPES[method], [
         f"model.name_or_path={model_dir}", "data.task=generation", f"data.train={data}", "data.eval=null",
@@ -223,7 +223,7 @@ def one(impl: str, method: str, size: str, model_dir: Path, data: Path, out: Pat
     import trl  # noqa: F401
     from transformers import AutoTokenizer
 
-    import adapterkit.recipes.train  # noqa: F401
+    import adapterkit.stages  # noqa: F401
 
     pad_token_id = AutoTokenizer.from_pretrained(model_dir).pad_token_id
     rss0 = _rss("VmRSS")

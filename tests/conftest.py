@@ -63,9 +63,10 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def fast_builtin(offline_env) -> Path:
     """Make `builtin:tiny` resolve to a few-step pretraining of the real pretrain-tiny recipe."""
-    from adapterkit.builtin import builtin_run_dir, ensure_builtin
+    from adapterkit.builtin import builtin_run_dir
+    from adapterkit.stages import build_builtin
 
-    built = ensure_builtin("tiny", FAST_BUILTIN)
+    built = build_builtin("tiny", FAST_BUILTIN)
     target = builtin_run_dir("tiny")
     if not target.exists():
         shutil.copytree(built.parent, target)

@@ -134,7 +134,7 @@ class Outcome:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, arch_dir):
     """runs(arch, cell) -> the Outcome of that run (trained on first use; a failure is kept and re-raised)."""
-    from adapterkit.recipes.train import run
+    from adapterkit.stages import run
 
     root = tmp_path_factory.mktemp("arch-runs")
     done: dict[tuple[str, str], Outcome] = {}
@@ -353,7 +353,7 @@ def test_export_passes_parity(runs, tmp_path, name, cell):
 def loaded(arch_dir):
     """loaded(name, quantized) -> the model as adapterkit loads it: float32, or 4-bit for qlora (cached)."""
     from adapterkit import models
-    from adapterkit.adapters.lora import quantization_config
+    from adapterkit.models import quantization_config
 
     cache: dict[tuple[str, bool], Any] = {}
 

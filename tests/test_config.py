@@ -17,7 +17,7 @@ from adapterkit.config import (
     summary,
 )
 from adapterkit.errors import ConfigError
-from adapterkit.recipes.pipeline import is_pipeline, load_pipeline, resolve
+from adapterkit.stages.pipeline import is_pipeline, load_pipeline, resolve
 
 ALL_METHODS = {"full", "lora", "qlora", "prompt_tuning", "prefix_tuning", "p_tuning"}
 ALL_TASKS = {"qa", "summarization", "translation", "generation", "sentiment", "text", "chat", "preference",

@@ -16,7 +16,7 @@ from adapterkit.cli import main
 from adapterkit.config import load_recipe
 from adapterkit.data.formatter import Formatter
 from adapterkit.data.loading import read_rows
-from adapterkit.recipes.train import run
+from adapterkit.stages import run
 from adapterkit.trained import load_trained
 
 FAST_EVAL = ["eval.limit=6", "eval.max_new_tokens=8", "eval.batch_size=4"]

@@ -20,7 +20,7 @@ import adapterkit.export as export_mod
 from adapterkit.cli import main
 from adapterkit.config import load_recipe
 from adapterkit.export import ParityFailed, export, parity_batch
-from adapterkit.recipes.train import run
+from adapterkit.stages import run
 from adapterkit.trained import load_trained
 
 # One run per way an export is built: (recipe, overrides). Adapters get a high learning rate so that they

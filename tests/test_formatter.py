@@ -286,7 +286,7 @@ def test_a_long_document_keeps_its_start_and_is_marked_where_it_was_cut(plain):
 
 
 def test_a_row_is_dropped_only_when_the_completion_alone_cannot_fit_and_the_fix_names_a_max_length(plain):
-    from adapterkit.recipes.train import too_many_dropped
+    from adapterkit.stages.skeleton import too_many_dropped
 
     f = make(plain, "summarization", max_length=64)
     rows = [RawRow({"document": LONG, "summary": f"Short summary {i}."}, f"x:{i}") for i in range(8)]

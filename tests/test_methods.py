@@ -13,7 +13,7 @@ from conftest import write_jsonl
 from transformers import TrainerCallback
 
 from adapterkit.config import load_recipe
-from adapterkit.recipes.train import run
+from adapterkit.stages import run
 
 # (id, method, extra overrides, learning rate, what must be trainable)
 TABLE = [
@@ -182,7 +182,7 @@ def test_packing_falls_back_to_padded_batches_where_attention_ignores_position_i
     the run measures that on the model before training and pads its batches instead, saying so."""
     from transformers import AutoTokenizer, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
-    from adapterkit.recipes.train import packing_isolates_examples
+    from adapterkit.stages.trainer import packing_isolates_examples
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     config = OPTConfig(vocab_size=len(tok), hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
@@ -207,3 +207,48 @@ def test_packing_falls_back_to_padded_batches_where_attention_ignores_position_i
     assert "attention_mask" in first and first["input_ids"].shape[0] == 2
     starts = (first.get("position_ids", torch.zeros(1)) == 0).sum(-1) if "position_ids" in first else None
     assert starts is None or starts.max() <= 1  # one example per row
+
+
+# The preference stages through the same checks: a fresh LoRA adapter on the tiny model, pairs (dpo) or
+# judged completions (kto) it can memorise.
+PREFERENCE_TABLE = [
+    ("dpo", "dpo-preference", lambda: [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in FRUIT]),
+    ("kto", "kto-feedback", lambda: [row for p, c, r in FRUIT for row in (
+        {"prompt": p, "completion": c, "label": True}, {"prompt": p, "completion": r, "label": False})]),
+]
+FRUIT = [(f"Which fruit is {colour}?", good, bad) for colour, good, bad in [
+    ("yellow", "A banana.", "A cherry."), ("red", "A cherry.", "A banana."), ("orange", "An orange.", "A plum."),
+    ("purple", "A plum.", "An orange."), ("green", "A lime.", "A lemon."), ("brown", "A date.", "A lime."),
+    ("pink", "A peach.", "A date."), ("blue", "A blueberry.", "A peach.")]]
+
+
+@pytest.mark.parametrize("stage, recipe_name, rows", PREFERENCE_TABLE, ids=[row[0] for row in PREFERENCE_TABLE])
+def test_preference_stage_behaviour(tmp_path, tiny_model_dir, stage, recipe_name, rows):
+    from adapterkit.trained import load_trained
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows())
+    recipe, src = load_recipe(recipe_name, [
+        f"model.name_or_path={tiny_model_dir}", f"data.train={data}", "data.eval=null", "train.max_steps=30",
+        "train.lr=1e-2", "train.warmup_ratio=0", "train.schedule=constant", "train.batch_size=8",
+        "train.log_every=1", "train.save_every=null", "train.precision=fp32", "adapter.lora.dropout=0",
+        f"output_dir={tmp_path / 'run'}"])
+    snap = Snapshot()
+    result = run(recipe, src, echo=False, callbacks=[snap])
+
+    # Only the policy's LoRA weights train (not the base, not trl's reference), and all of them change.
+    assert snap.trainable and all("lora_" in n and ".default" in n for n in snap.trainable), sorted(snap.trainable)[:5]
+    changed = {n for n in snap.before if not torch.equal(snap.before[n], snap.after[n])}
+    assert changed == snap.trainable, sorted(changed ^ snap.trainable)[:5]
+
+    log = [json.loads(line) for line in (result.out / "train_log.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in log if "loss" in r]
+    assert losses[-1] < 0.5 * losses[0], losses
+
+    # Saved (without trl's reference copy) and reloaded, it gives the logits it had in memory.
+    batch = result.tokenizer(["Which fruit is yellow? A banana."], return_tensors="pt")
+    reloaded = load_trained(result.out)
+    assert set(reloaded.model.peft_config) == {"default"}
+    with torch.no_grad():
+        a = result.model.eval()(**batch).logits.float()
+        b = reloaded.model(**batch).logits.float()
+    assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()

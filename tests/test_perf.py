@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, TrainerCallback
 from adapterkit import perf
 from adapterkit.adapters.lora import lora_config
 from adapterkit.config import LoraSettings, load_recipe
-from adapterkit.recipes.train import run
+from adapterkit.stages import run
 
 
 def test_flops_per_token_counts_6n_for_full_and_about_4n_under_lora(tiny_model_dir):

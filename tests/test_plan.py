@@ -194,7 +194,7 @@ def test_the_trainable_count_is_what_training_wraps(tiny_model_dir, method, extr
     config, name = memory.model_config(recipe)
     planned = memory.plan(recipe, memory.ModelFacts.of(config, name), "cpu")
     wrapped = METHODS[method].wrap(AutoModelForCausalLM.from_pretrained(tiny_model_dir), recipe.adapter,
-                                   str(tiny_model_dir), recipe.train)
+                                   tokenizer_source=str(tiny_model_dir))
     assert planned.trainable == trainable_parameters(wrapped)[0]
     assert planned.parameters == AutoModelForCausalLM.from_pretrained(tiny_model_dir).num_parameters()
 
@@ -241,7 +241,7 @@ def test_plan_decides_auto_for_the_gpu_memory_given(capsys, llama_7b):
 
 
 def test_a_run_decides_auto_from_the_free_memory_and_records_it(tmp_path, tiny_model_dir, monkeypatch):
-    from adapterkit.recipes.train import run
+    from adapterkit.stages import run
 
     common = [f"model.name_or_path={tiny_model_dir}", "data.eval=null", "train.max_steps=2", "train.save_every=null"]
     recipe, src = load_recipe("lora-sentiment", [*common, f"output_dir={tmp_path / 'roomy'}"])

@@ -15,7 +15,8 @@ from transformers import AutoTokenizer, TrainerCallback
 
 from adapterkit.cli import main
 from adapterkit.config import load_recipe
-from adapterkit.recipes import preference, train
+from adapterkit import stages
+from adapterkit.stages import preference
 from adapterkit.trained import load_trained
 
 QUIET = ["train.save_every=null", "train.log_every=1", "train.precision=fp32", "eval.limit=4",
@@ -26,7 +27,7 @@ def sft_run(tmp_path, tiny_model_dir, method: str):
     recipe, src = load_recipe("lora-generation", [
         f"model.name_or_path={tiny_model_dir}", f"adapter.method={method}", "adapter.lora.dropout=0",
         "train.max_steps=12", "train.lr=2e-2", *QUIET, f"output_dir={tmp_path / ('sft-' + method)}"])
-    return train.run(recipe, src, echo=False).out
+    return stages.run(recipe, src, echo=False).out
 
 
 class ReferenceProbe(TrainerCallback):
@@ -66,7 +67,7 @@ def test_dpo_after_sft_trains_the_sft_adapter_against_the_sft_policy(tmp_path, t
     recipe, src = load_recipe("dpo-preference", [f"model.from_run={sft}", "train.max_steps=8", "train.lr=5e-3",
                                                  "data.eval=sample:preference/train", *QUIET,
                                                  f"output_dir={tmp_path / 'dpo'}"])
-    result = preference.run(recipe, src, echo=False, callbacks=[probe, snap])
+    result = stages.run(recipe, src, echo=False, callbacks=[probe, snap])
 
     # The reference is the SFT policy exactly, not the raw base; and it is the starting policy.
     assert torch.allclose(probe.reference, sft_logits, atol=1e-5), (probe.reference - sft_logits).abs().max()
@@ -96,7 +97,7 @@ def test_dpo_on_a_plain_model_uses_the_model_without_adapter_as_reference(tmp_pa
     probe = ReferenceProbe({"input_ids": torch.tensor([[5, 6, 7, 8]])})
     recipe, src = load_recipe("dpo-preference", [f"model.name_or_path={tiny_model_dir}", "train.max_steps=4",
                                                  "preference.loss=ipo", *QUIET, f"output_dir={tmp_path / 'dpo'}"])
-    result = preference.run(recipe, src, echo=False, callbacks=[probe])
+    result = stages.run(recipe, src, echo=False, callbacks=[probe])
     assert torch.allclose(probe.reference, probe.base, atol=1e-6)
     assert torch.allclose(probe.policy, probe.base, atol=1e-6)  # a fresh LoRA adapter starts as a no-op
     assert "lineage" in json.loads((result.out / "manifest.json").read_text())
@@ -107,7 +108,7 @@ def test_kto_trains_on_unpaired_feedback(tmp_path, tiny_model_dir):
     snap = Snapshot()
     recipe, src = load_recipe("kto-feedback", [f"model.from_run={sft}", "train.max_steps=6", "train.lr=5e-3",
                                                *QUIET, f"output_dir={tmp_path / 'kto'}"])
-    result = preference.run(recipe, src, echo=False, callbacks=[snap])
+    result = stages.run(recipe, src, echo=False, callbacks=[snap])
     changed = {n for n in snap.before if not torch.equal(snap.before[n], snap.after[n])}
     assert changed and all(".default" in n for n in changed)
     metrics = json.loads((result.out / "metrics.json").read_text())
@@ -201,7 +202,7 @@ def test_from_run_must_be_a_run_that_can_continue(tmp_path, tiny_model_dir, caps
 def test_a_preference_run_is_evaluated_on_a_task_in_its_own_template(tmp_path, tiny_model_dir, capsys):
     recipe, src = load_recipe("dpo-preference", [f"model.name_or_path={tiny_model_dir}", "train.max_steps=2",
                                                  "data.eval=null", *QUIET, f"output_dir={tmp_path / 'dpo'}"])
-    out = preference.run(recipe, src, echo=False).out
+    out = stages.run(recipe, src, echo=False).out
     with pytest.raises(SystemExit) as e:
         main(["eval", str(out), "--data", "sample:generation/eval"])
     assert e.value.code == 2 and "scored when a dpo or kto run ends" in capsys.readouterr().err
@@ -276,7 +277,7 @@ def test_a_dpo_run_keeps_long_prompts_by_their_end_and_reports_it(tmp_path, tiny
               "train.max_steps=1", "train.batch_size=2", *QUIET]
     first = FirstBatch()
     recipe, src = load_recipe("dpo-preference", [*common, f"output_dir={tmp_path / 'input'}"])
-    result = preference.run(recipe, src, echo=True, callbacks=[first])
+    result = stages.run(recipe, src, echo=True, callbacks=[first])
     printed = capsys.readouterr().out
     assert "16 of 16 pairs longer than data.max_length=48 (data.truncation: input): prompt cut from the left 16" \
         in printed

@@ -8,7 +8,7 @@ import json
 import torch
 
 from adapterkit.config import load_recipe
-from adapterkit.recipes.train import run
+from adapterkit.stages import run
 
 
 def test_pretrain_from_scratch_saves_a_plain_transformers_model(tmp_path):
@@ -40,9 +40,10 @@ def test_pretrain_from_scratch_saves_a_plain_transformers_model(tmp_path):
 
 
 def test_builtin_base_is_built_once_and_cached(fast_builtin, offline_env):
-    from adapterkit.builtin import builtin_run_dir, ensure_builtin
+    from adapterkit.builtin import builtin_run_dir
+    from adapterkit.stages import build_builtin
 
     assert fast_builtin.is_relative_to(offline_env)
-    assert ensure_builtin("tiny") == fast_builtin  # cached: no second pretraining
+    assert build_builtin("tiny") == fast_builtin  # cached: no second pretraining
     manifest = json.loads((builtin_run_dir("tiny") / "manifest.json").read_text())
     assert manifest["recipe"] == "pretrain-tiny" and manifest["status"] == "completed"

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from adapterkit import models
-from adapterkit.adapters.lora import lora_config, quantization_config
+from adapterkit.adapters.lora import lora_config
+from adapterkit.models import quantization_config
 from adapterkit.config import LoraSettings, ModelConfig, QuantSettings
 
 
@@ -106,7 +107,7 @@ def test_qlora_merge_reads_the_trained_weights_whatever_the_layout(tmp_path, tin
     the base before it (an eval pass on an AVX512-BF16 CPU) as when it did not."""
     from adapterkit.config import load_recipe
     from adapterkit.export import _merge
-    from adapterkit.recipes.train import run
+    from adapterkit.stages import run
     from adapterkit.trained import load_trained
 
     out = tmp_path / "q"

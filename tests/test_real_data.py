@@ -11,8 +11,7 @@ import json
 import pytest
 
 from adapterkit.config import load_recipe
-from adapterkit.recipes import preference
-from adapterkit.recipes.train import run
+from adapterkit.stages import run
 from conftest import shared_data
 
 COMMON = ["data.max_length=128", "train.batch_size=16", "train.lr=2e-3", "train.log_every=50",
@@ -62,7 +61,7 @@ def test_dpo_preference_accuracy_rises_on_hh_rlhf(tmp_path, real_builtin):
         f"data.train={train}", f"data.eval={dev}", "data.max_length=192", "train.max_steps=60", "train.batch_size=4",
         "train.lr=2e-3", "train.log_every=10", "train.save_every=null",
         f"output_dir={tmp_path / 'run'}"])
-    summary = json.loads((preference.run(recipe, src).out / "metrics.json").read_text())
+    summary = json.loads((run(recipe, src).out / "metrics.json").read_text())
     print(f"dpo: preference accuracy {summary['base']['preference_accuracy']:.1f} -> "
           f"{summary['tuned']['preference_accuracy']:.1f}, reward accuracy {summary['tuned']['reward_accuracy']:.1f}, "
           f"reward margin {summary['tuned']['reward_margin']:.3f}")

@@ -10,7 +10,7 @@ import pytest
 from adapterkit.config import load_recipe, shipped, summary
 from adapterkit.data.formatter import FormatSpec, Formatter
 from adapterkit.data.loading import read_rows
-from adapterkit.recipes.train import run
+from adapterkit.stages import run
 
 SFT = sorted(n for n in shipped() if summary(shipped()[n])["stage"] == "sft")
 PREFERENCE = sorted(n for n in shipped() if summary(shipped()[n])["stage"] in ("dpo", "kto"))
@@ -60,11 +60,9 @@ def test_shipped_recipe_runs_end_to_end(name, tmp_path, fast_builtin):
 
 @pytest.mark.parametrize("name", PREFERENCE)
 def test_shipped_preference_recipe_runs_end_to_end(name, tmp_path, fast_builtin):
-    from adapterkit.recipes import preference
-
     recipe, src = load_recipe(name, ["train.max_steps=3", "train.log_every=1", "train.save_every=2",
                                      f"output_dir={tmp_path / 'run'}"])
-    result = preference.run(recipe, src, echo=False)
+    result = run(recipe, src, echo=False)
     out = result.out
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "completed" and manifest["stage"] == recipe.stage

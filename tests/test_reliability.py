@@ -19,7 +19,7 @@ from transformers import TrainerCallback
 from adapterkit.cli import main
 from adapterkit.config import load_recipe
 from adapterkit.errors import TrainingStopped
-from adapterkit.recipes.train import run
+from adapterkit.stages import run
 from conftest import write_jsonl
 from test_methods import MEMO
 

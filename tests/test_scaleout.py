@@ -96,8 +96,8 @@ def test_builtin_base_is_built_once_by_the_main_process(tmp_path):
     # builtin:tiny on first use under `accelerate launch`: the main process pretrains it alone (a
     # one-process run, the same model however it was first asked for) while the other waits.
     script = tmp_path / "ask.py"
-    script.write_text("import sys\nfrom adapterkit.builtin import ensure_builtin\n"
-                      "print('model at', ensure_builtin('tiny', sys.argv[1:]))\n")
+    script.write_text("import sys\nfrom adapterkit.stages import build_builtin\n"
+                      "print('model at', build_builtin('tiny', sys.argv[1:]))\n")
     cache = tmp_path / "cache"
     overrides = ["train.max_steps=1", "train.save_every=null", "data.eval=null", "model.vocab_size=512"]
     done = launch_script([str(script), *overrides], tmp_path, ADAPTERKIT_CACHE=str(cache))

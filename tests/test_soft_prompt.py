@@ -27,8 +27,7 @@ def _falcon(**arch):
                                   dict(multi_query=False, new_decoder_architecture=False)],
                          ids=["multi-query", "multi-query-alibi", "new-decoder", "multi-head"])
 def test_prefix_tuning_trains_only_the_prefix_on_falcon(arch):
-    model = wrap(_falcon(**arch), AdapterConfig(method="prefix_tuning", prompt=PromptSettings(num_virtual_tokens=4)),
-                 None, None)
+    model = wrap(_falcon(**arch), AdapterConfig(method="prefix_tuning", prompt=PromptSettings(num_virtual_tokens=4)))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("prompt_encoder" in n for n in trainable)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -59,7 +58,7 @@ def test_multi_query_falcon_prefix_is_the_cache_of_a_real_prompt():
     with torch.no_grad():
         cache = base(input_ids=prompt, use_cache=True).cache
         full = base(input_ids=torch.cat([prompt, rest], 1)).logits[:, 4:]
-    model = wrap(base, AdapterConfig(method="prefix_tuning", prompt=PromptSettings(num_virtual_tokens=4)), None, None)
+    model = wrap(base, AdapterConfig(method="prefix_tuning", prompt=PromptSettings(num_virtual_tokens=4)))
     model.eval()
     config = model.peft_config["default"]
     assert (config.num_attention_heads, config.token_dim) == (1, 16)  # one head of hidden / heads
@@ -79,7 +78,7 @@ def test_generate_follows_the_soft_prompt(method):
     base = LlamaForCausalLM(LlamaConfig(vocab_size=200, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                         num_attention_heads=4, num_key_value_heads=2, initializer_range=0.3))
     model = wrap(base, AdapterConfig(method=method, prompt=PromptSettings(num_virtual_tokens=4,
-                                                                          encoder_hidden_size=32)), None, None).eval()
+                                                                          encoder_hidden_size=32))).eval()
     ids = torch.randint(3, 200, (2, 6), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         model.prompt_encoder["default"].embedding.weight.normal_(0, 1.0)  # a prompt that moves the logits

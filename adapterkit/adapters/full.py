@@ -5,6 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 
-def wrap(model: Any, adapter: Any, tokenizer_source: str, train: Any) -> Any:
+def wrap(model: Any, adapter: Any, *, tokenizer_source: str | None = None, checkpointing: bool = False) -> Any:
     model.requires_grad_(True)
     return model

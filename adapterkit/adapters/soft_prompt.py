@@ -91,7 +91,7 @@ def fix_generation(model: Any) -> Any:
     return model
 
 
-def wrap(model: Any, adapter: Any, tokenizer_source: str, train: Any) -> Any:
+def wrap(model: Any, adapter: Any, *, tokenizer_source: str | None = None, checkpointing: bool = False) -> Any:
     from peft import get_peft_model
 
     model = get_peft_model(model, peft_config(adapter, tokenizer_source, model.config))

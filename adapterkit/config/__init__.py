@@ -15,9 +15,10 @@ from typing import Any
 
 import yaml
 
+from adapterkit.adapters import METHODS
 from adapterkit.config.rules import _check, packs
 from adapterkit.config.schema import *  # noqa: F403  (the schema's classes are this package's names)
-from adapterkit.config.schema import SECTION_METHODS, Recipe
+from adapterkit.config.schema import Recipe
 from adapterkit.config.source import (
     RecipeSource,
     apply_overrides,
@@ -80,8 +81,8 @@ def dump_recipe(recipe: Recipe) -> str:
     """The resolved recipe as YAML that `load_recipe` reads back to the same recipe (the run's
     recipe.yaml): sections the method or init does not use are left out, since they would be errors."""
     data = recipe_to_dict(recipe)
-    for section, methods in SECTION_METHODS.items():
-        if recipe.adapter.method not in methods:
+    for section in ("lora", "quant", "prompt"):
+        if section not in METHODS[recipe.adapter.method].sections:
             del data["adapter"][section]
     if recipe.model.init != "scratch":
         del data["model"]["architecture"]

@@ -7,13 +7,8 @@ import math
 import string
 from typing import Any
 
-from adapterkit.config.schema import (
-    DPO_LOSSES,
-    KTO_LOSSES,
-    SECTION_METHODS,
-    SOFT_PROMPT_METHODS,
-    Recipe,
-)
+from adapterkit.config.schema import DPO_LOSSES, KTO_LOSSES, Recipe
+from adapterkit.adapters import METHODS
 from adapterkit.config.source import RecipeSource
 from adapterkit.config.typed import _where
 from adapterkit.data.tasks import TASKS  # the task table is the one home of field names
@@ -34,9 +29,10 @@ def _numbers(obj: Any, prefix: str = "") -> list[tuple[str, float]]:
 
 
 def packs(recipe: Recipe) -> bool:
-    """Whether the run packs its examples (`data.packing`, with `auto` decided)."""
+    """Whether the run packs its examples (`data.packing`, with `auto` decided: on where the method can
+    pack, for the stages that train on formatted examples; the preference stages never pack)."""
     if recipe.data.packing == "auto":
-        return recipe.adapter.method not in SOFT_PROMPT_METHODS and recipe.stage in ("pretrain", "sft")
+        return METHODS[recipe.adapter.method].can_pack and recipe.stage in ("pretrain", "sft")
     return bool(recipe.data.packing)
 
 
@@ -86,7 +82,8 @@ def _check(recipe: Recipe, src: RecipeSource) -> list[Problem]:
         bad("train.epochs", f"{t.epochs!r} must be positive", "set train.epochs > 0 or train.max_steps")
 
     # Method-specific sections only make sense for their method.
-    owners = SECTION_METHODS
+    method = METHODS[a.method]
+    owners = {section: [n for n, m in METHODS.items() if section in m.sections] for section in ("lora", "quant", "prompt")}
     method_overridden = src.where.get("adapter.method", "").startswith("override")
     for section, methods in owners.items():
         # Switching adapter.method on the command line leaves the file's other-method sections unused;
@@ -98,20 +95,21 @@ def _check(recipe: Recipe, src: RecipeSource) -> list[Problem]:
             bad(f"adapter.{section}", f"is set but adapter.method is '{a.method}'",
                 f"remove adapter.{section}, or set adapter.method to one of: {', '.join(methods)}")
     # (Under another family's method the whole prompt section is unused, and reported above if it is a mistake.)
-    if a.prompt.init_text is not None and a.method in SOFT_PROMPT_METHODS and a.method != "prompt_tuning":
-        bad("adapter.prompt.init_text", f"only prompt_tuning uses it, not '{a.method}'", "remove it")
-    if a.prompt.encoder_hidden_size is not None and a.method in SOFT_PROMPT_METHODS and a.method != "p_tuning":
-        bad("adapter.prompt.encoder_hidden_size", f"only p_tuning uses it, not '{a.method}'", "remove it")
+    for option in ("init_text", "encoder_hidden_size"):
+        if getattr(a.prompt, option) is not None and "prompt" in method.sections and option not in method.prompt_options:
+            users = " or ".join(n for n, m in METHODS.items() if option in m.prompt_options)
+            bad(f"adapter.prompt.{option}", f"only {users} uses it, not '{a.method}'", "remove it")
 
-    if m.init == "scratch" and a.method != "full":
+    if m.init == "scratch" and not method.trains_base:
         bad("adapter.method", f"'{a.method}' needs pretrained weights but model.init is 'scratch'",
             "use adapter.method=full to train a model from scratch")
     if m.init == "scratch" and recipe.stage != "pretrain":
         bad("model.init", "'scratch' only makes sense for stage 'pretrain'", "set stage: pretrain, or model.init=pretrained")
     if recipe.stage == "pretrain" and d.task != "text":
         bad("data.task", f"stage 'pretrain' trains on raw text, not '{d.task}'", "set data.task=text")
-    if recipe.stage == "pretrain" and a.method in SOFT_PROMPT_METHODS:
-        bad("adapter.method", f"'{a.method}' is not a way to pretrain", "use full, lora or qlora")
+    able = ", ".join(n for n, m in METHODS.items() if recipe.stage in m.stages)
+    if recipe.stage == "pretrain" and recipe.stage not in method.stages:
+        bad("adapter.method", f"'{a.method}' is not a way to pretrain", f"use {able}")
     # The preference stages: their own data, losses and methods.
     pref_task = {"dpo": "preference", "kto": "unpaired"}
     if recipe.stage in pref_task and d.task != pref_task[recipe.stage]:
@@ -120,8 +118,8 @@ def _check(recipe: Recipe, src: RecipeSource) -> list[Problem]:
     if recipe.stage not in pref_task and d.task in pref_task.values():
         stage = next(k for k, v in pref_task.items() if v == d.task)
         bad("data.task", f"'{d.task}' data is for stage '{stage}', not '{recipe.stage}'", f"set stage: {stage}")
-    if recipe.stage in pref_task and a.method in SOFT_PROMPT_METHODS:
-        bad("adapter.method", f"'{a.method}' is not supported for stage '{recipe.stage}'", "use lora, qlora or full")
+    if recipe.stage in pref_task and recipe.stage not in method.stages:
+        bad("adapter.method", f"'{a.method}' is not supported for stage '{recipe.stage}'", f"use {able}")
     losses = {"dpo": DPO_LOSSES, "kto": KTO_LOSSES}.get(recipe.stage, ())
     if recipe.preference.loss is not None and recipe.preference.loss not in losses:
         bad("preference.loss", f"'{recipe.preference.loss}' is not a loss of stage '{recipe.stage}'",
@@ -138,11 +136,11 @@ def _check(recipe: Recipe, src: RecipeSource) -> list[Problem]:
             "remove model.name_or_path (or model.from_run)")
     if m.from_run is not None and m.init == "scratch":
         bad("model.from_run", "cannot be combined with model.init: scratch", "remove one of them")
-    if d.packing is True and a.method in SOFT_PROMPT_METHODS:
+    if d.packing is True and not method.can_pack:
         bad("data.packing", f"packing cannot be combined with '{a.method}': virtual tokens are prepended to each "
             "sequence, so packed examples would share one prompt", "set data.packing=false")
-    if a.method == "prefix_tuning" and t.gradient_checkpointing is True:
-        bad("train.gradient_checkpointing", "prefix_tuning fails with gradient checkpointing (the attention mask "
+    if not method.can_checkpoint and t.gradient_checkpointing is True:
+        bad("train.gradient_checkpointing", f"{a.method} fails with gradient checkpointing (the attention mask "
             "is not extended by the virtual tokens)", "set train.gradient_checkpointing=false")
     if m.init == "pretrained" and "model.architecture" in src.where:
         bad("model.architecture", "only used with model.init: scratch", "remove it, or set model.init: scratch")

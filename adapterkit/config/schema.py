@@ -13,9 +13,6 @@ Method = Literal["full", "lora", "qlora", "prompt_tuning", "prefix_tuning", "p_t
 Task = Literal["qa", "summarization", "translation", "generation", "sentiment", "text", "chat", "preference",
                "unpaired"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
-SOFT_PROMPT_METHODS = ("prompt_tuning", "prefix_tuning", "p_tuning")
-# Which adapter sections each method reads; a saved recipe leaves the others out.
-SECTION_METHODS = {"lora": ("lora", "qlora"), "quant": ("qlora",), "prompt": SOFT_PROMPT_METHODS}
 
 
 @dataclass

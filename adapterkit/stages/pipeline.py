@@ -21,17 +21,19 @@ from typing import Any
 
 import yaml
 
-from adapterkit import rundir
+from adapterkit import models, rundir
 from adapterkit.adapters import METHODS
 from adapterkit.config import Recipe, RecipeSource, load_recipe, saved_recipe
 from adapterkit.errors import ConfigError, Problem, did_you_mean
+from adapterkit.stages import STAGES
+from adapterkit.stages import run as run_recipe
 
 KEYS = ("description", "pipeline", "output_dir")
 STAGE_KEYS = ("name", "recipe", "overrides")
 
 
 @dataclass
-class Stage:
+class Step:
     name: str
     recipe: str
     overrides: list[str] = field(default_factory=list)
@@ -41,7 +43,7 @@ class Stage:
 class Pipeline:
     name: str
     path: Path
-    stages: list[Stage]
+    stages: list[Step]
     output_dir: Path
     description: str = ""
 
@@ -60,7 +62,7 @@ def load_pipeline(path: Path, overrides: list[str]) -> Pipeline:
     where = str(path)
     problems = [Problem(where, f"unknown key '{k}'" + (f" ({h})" if (h := did_you_mean(k, KEYS)) else ""), k,
                         fix=f"use {', '.join(KEYS)}") for k in data if k not in KEYS]
-    stages: list[Stage] = []
+    stages: list[Step] = []
     raw = data.get("pipeline")
     if not isinstance(raw, list) or not raw:
         problems.append(Problem(where, "pipeline must be a list of stages", "pipeline",
@@ -77,7 +79,7 @@ def load_pipeline(path: Path, overrides: list[str]) -> Pipeline:
             problems.append(Problem(where, f"unknown stage key(s) {unknown}", key, fix=f"use {', '.join(STAGE_KEYS)}"))
         ref = str(item["recipe"])
         local = path.parent / ref
-        stages.append(Stage(str(item["name"]), str(local) if local.is_file() else ref,
+        stages.append(Step(str(item["name"]), str(local) if local.is_file() else ref,
                             [str(o) for o in item.get("overrides") or []]))
     names = [s.name for s in stages]
     if len(set(names)) != len(names):
@@ -98,7 +100,7 @@ def load_pipeline(path: Path, overrides: list[str]) -> Pipeline:
     return Pipeline(path.stem, path, stages, Path(output_dir), data.get("description", ""))
 
 
-def resolve(pipeline: Pipeline) -> list[tuple[Stage, Recipe, RecipeSource, str | None]]:
+def resolve(pipeline: Pipeline) -> list[tuple[Step, Recipe, RecipeSource, str | None]]:
     """Every stage's recipe with its chaining overrides, checked before anything runs:
     [(stage, recipe, source, the run it starts from)]."""
     out, previous, problems = [], None, []
@@ -107,12 +109,12 @@ def resolve(pipeline: Pipeline) -> list[tuple[Stage, Recipe, RecipeSource, str |
         if previous is not None:
             prev_stage, prev_recipe = previous
             prev_dir = pipeline.output_dir / prev_stage.name
-            family = METHODS[prev_recipe.adapter.method].family
-            if family == "soft_prompt":
+            method = METHODS[prev_recipe.adapter.method]
+            if not method.trains_base and method.continues is None:
                 problems.append(Problem(f"stage '{stage.name}'", f"stage '{prev_stage.name}' trains a soft prompt, "
                                         "which no later stage can build on", "pipeline",
                                         fix="end the pipeline with the soft-prompt stage"))
-            chain.append(f"model.name_or_path={prev_dir / 'model'}" if family == "full"
+            chain.append(f"model.name_or_path={prev_dir / 'model'}" if method.trains_base
                          else f"model.from_run={prev_dir}")
         try:
             recipe, src = load_recipe(stage.recipe, stage.overrides + chain)
@@ -129,9 +131,6 @@ def resolve(pipeline: Pipeline) -> list[tuple[Stage, Recipe, RecipeSource, str |
 
 def run(pipeline: Pipeline, echo: bool = True, **kwargs: Any) -> list[Path]:
     """Run the stages in order; completed stages (same recipe and data) are skipped. Returns the run dirs."""
-    from adapterkit import models
-    from adapterkit.recipes import preference, train
-
     main = models.processes().is_main_process  # under `accelerate launch` only the main process writes
     say = print if echo and main else (lambda *a, **k: None)
     stages = resolve(pipeline)
@@ -149,8 +148,7 @@ def run(pipeline: Pipeline, echo: bool = True, **kwargs: Any) -> list[Path]:
             say(f"   already complete in {out}; skipped")
         else:
             lineage = {"pipeline": pipeline.name, "stage": stage.name, **({"from_run": prev} if prev else {})}
-            runner = preference.run if recipe.stage in ("dpo", "kto") else train.run
-            runner(recipe, src, echo=echo, lineage=lineage, **kwargs)
+            run_recipe(recipe, src, echo=echo, lineage=lineage, **kwargs)
         record["stages"][i]["status"] = "completed"
         if main:
             rundir.write_json(pipeline.output_dir / "pipeline.json", record)
@@ -159,10 +157,8 @@ def run(pipeline: Pipeline, echo: bool = True, **kwargs: Any) -> list[Path]:
 
 
 def _completed(out: Path, recipe: Recipe) -> bool:
-    import json
-
-    manifest = out / rundir.MANIFEST
-    if not manifest.is_file():
+    if not (out / rundir.MANIFEST).is_file():
         return False
-    m = json.loads(manifest.read_text())
-    return m.get("status") == "completed" and m.get("fingerprint") == rundir.fingerprint(saved_recipe(recipe))
+    m = rundir.read_manifest(out)
+    resolved, _ = STAGES[recipe.stage].resolve(recipe)
+    return m.get("status") == "completed" and m.get("fingerprint") == rundir.fingerprint(saved_recipe(resolved))

@@ -23,30 +23,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from adapterkit import evaluation, models, rundir
 from adapterkit import plan as plan_mod
-from adapterkit.adapters import METHODS, MethodSpec, model_problems, soft_prompt, trainable_parameters
-from adapterkit.adapters.lora import quantization_config
-from adapterkit.config import (
-    Recipe,
-    RecipeSource,
-    dump_recipe,
-    load_recipe,
-    saved_recipe,
-)
+from adapterkit.adapters import METHODS, MethodSpec, trainable_parameters
+from adapterkit.config import Recipe, load_recipe
 from adapterkit.data.formatter import DataReport, FormatSpec, Formatter
 from adapterkit.data.loading import RawRow, read_rows
 from adapterkit.errors import AdapterkitError, ConfigError, DataError, Problem
-from adapterkit.recipes.train import (
-    _data_files,
-    _describe,
-    guarded_trainer_class,
-    save_final,
+from adapterkit.stages.skeleton import (
+    Context,
+    Data,
+    Prepared,
+    describe_source,
+    refuse_unusable,
     too_many_dropped,
-    trainer_args,
 )
+from adapterkit.stages.trainer import Auto, build_trainer, guarded_trainer_class, trainer_args
 from adapterkit.trained import locate
 
 
@@ -79,10 +71,10 @@ def starting_point(recipe: Recipe) -> Start:
     run_recipe, _ = load_recipe(str(run_dir / "recipe.yaml"))
     spec = FormatSpec(**json.loads((model_dir / "format.json").read_text())) if (model_dir / "format.json").is_file() else None
     method = METHODS[manifest["method"]]
-    if method.family == "lora":
+    if method.continues is not None:
         # The adapter continues: its method (lora or qlora) and settings are the run's.
         return Start(manifest["model_source"], method, model_dir, run_dir, run_recipe, spec)
-    if method.family == "full":
+    if method.trains_base:
         # A full fine-tune (or pretraining) produced whole weights: they are the base of a new adapter.
         return Start(str(model_dir), METHODS[recipe.adapter.method], None, run_dir, run_recipe, spec)
     raise AdapterkitError(Problem("model.from_run", f"run '{run_dir}' trained a {method.name} soft prompt, which "
@@ -128,6 +120,10 @@ def _conversational(rows: list[RawRow], formatter: Formatter) -> bool:
     return False
 
 
+KEEPS_EVERY_PAIR = "keeps every pair: the end of the prompt and the start of the replies"
+"""What `data.truncation: input` does to preference pairs, for the refusal that suggests it."""
+
+
 def prepare_data(recipe: Recipe, tokenizer: Any, start: Start) -> tuple[Formatter, list[dict], list[dict] | None,
                                                                         list[DataReport]]:
     """The formatter (in the starting run's template when there is one) and the formatted splits."""
@@ -143,30 +139,19 @@ def prepare_data(recipe: Recipe, tokenizer: Any, start: Start) -> tuple[Formatte
         spec.chat_template = start.spec.chat_template or spec.chat_template
         spec.system_prompt = d.system_prompt if d.system_prompt is not None else start.spec.system_prompt
         formatter = Formatter(spec, tokenizer, d.columns)
-    train, report = format_rows(train_rows, formatter, "train", _describe(d.train))
+    train, report = format_rows(train_rows, formatter, "train", describe_source(d.train))
     reports = [report]
-    dropped = sum(report.dropped.values())
-    if not train:
-        reasons = "; ".join(f"{n} {r}" for r, n in report.dropped.items())
-        raise DataError(Problem(_describe(d.train), f"no usable training example ({reasons})", "data.train",
-                                fix="check the file and the task's fields (see the README's task table)"))
-    if dropped > d.max_dropped * report.rows_read:
-        reasons = "; ".join(f"{n} {r}" for r, n in sorted(report.dropped.items()))
-        raise DataError(Problem(_describe(d.train), f"{dropped} of {report.rows_read} rows would be dropped: "
-                                f"{reasons}", "data.max_dropped",
-                                fix="clean the data (see `adapterkit data preview`), or raise data.max_dropped"))
+    refuse_unusable(report, train, d, "train", KEEPS_EVERY_PAIR)
     if recipe.stage == "kto" and len(report.labels) < 2:
-        raise DataError(Problem(_describe(d.train), f"every row is {next(iter(report.labels))}; kto needs both "
-                                "desirable (label true) and undesirable (label false) examples", "data.train",
+        raise DataError(Problem(describe_source(d.train), f"every row is {next(iter(report.labels))}; kto needs "
+                                "both desirable (label true) and undesirable (label false) examples", "data.train",
                                 fix="add rows with the other label"))
     evaluation_rows = None
     if d.eval is not None:
         evaluation_rows, eval_report = format_rows(read_rows(d.eval, d.eval_split, "data.eval"), formatter, "eval",
-                                                   _describe(d.eval))
+                                                   describe_source(d.eval))
         reports.append(eval_report)
-        if not evaluation_rows:
-            raise DataError(Problem(_describe(d.eval), "no usable eval example", "data.eval",
-                                    fix="check the eval file, or remove data.eval"))
+        refuse_unusable(eval_report, evaluation_rows, d, "eval")
     return formatter, train, evaluation_rows, reports
 
 
@@ -280,30 +265,20 @@ def record_fit(report: DataReport, how: Counter, needed: list[int], limit: int, 
     report.needed = needed
 
 
-def load_model(recipe: Recipe, start: Start, precision: str, dev: torch.device) -> Any:
+def load_model(run: Prepared, start: Start, dev: Any) -> Any:
     """The policy: the starting adapter loaded trainable on its base, or the base wrapped for a fresh one."""
-    method = start.method
-    model_cfg = start.run_recipe.model if start.adapter_dir is not None else recipe.model
-    adapter = start.run_recipe.adapter if start.adapter_dir is not None else recipe.adapter
-    dtype = models.resolve_dtype(model_cfg.dtype, method.trains_base, precision)
-    quant = None
-    if method.quantized_base:
-        quant = quantization_config(adapter.quant, models.resolve_dtype(adapter.quant.compute_dtype, False, precision))
-    base = models.load_model(model_cfg, start.source, dtype, quant, dev)
+    method, recipe = run.method, run.recipe
+    base = models.load_base(recipe.model, run.source, run.precision, method.trains_base,
+                            recipe.adapter.quant if method.quantized_base else None, dev=dev)
+    checkpointing = run.auto.gradient_checkpointing
     if start.adapter_dir is None:
-        return method.wrap(base, adapter, start.source, recipe.train)
-    from peft import PeftModel, prepare_model_for_kbit_training
-
-    if quant is not None:
-        base = prepare_model_for_kbit_training(
-            base, use_gradient_checkpointing=recipe.train.gradient_checkpointing is True,
-            gradient_checkpointing_kwargs={"use_reentrant": False})
-    return soft_prompt.fix_generation(PeftModel.from_pretrained(base, str(start.adapter_dir), is_trainable=True))
+        return method.wrap(base, recipe.adapter, tokenizer_source=run.source, checkpointing=checkpointing)
+    return method.continues(base, start.adapter_dir, checkpointing=checkpointing)
 
 
-def _config(recipe: Recipe, out: Path, precision: str, dev: Any, has_eval: bool) -> Any:
+def _config(recipe: Recipe, auto: Auto, out: Path, precision: str, dev: Any, has_eval: bool) -> Any:
     p = recipe.preference
-    args = trainer_args(recipe, out, precision, dev, has_eval)
+    args = trainer_args(recipe, auto, out, precision, dev, has_eval)
     if recipe.stage == "kto":
         from trl import KTOConfig
 
@@ -370,104 +345,6 @@ def preference_metrics(stage: str, start: list[float], tuned: list[float] | None
 
 # -- the stage --------------------------------------------------------------------------------------
 
-def run(recipe: Recipe, src: RecipeSource, force: bool = False, echo: bool = True, callbacks: list[Any] | None = None,
-        restart: bool = False, resume_anyway: bool = False, lineage: dict[str, Any] | None = None) -> Any:
-    """Train one recipe end to end (see `_run`), holding the output dir's lock: a second process on the
-    same output_dir is refused, naming the first one's pid."""
-    out = Path(recipe.output_dir)
-    with rundir.exclusive(out, force=force, take=models.processes().is_main_process):
-        return _run(recipe, src, force=force, echo=echo, callbacks=callbacks, restart=restart,
-                    resume_anyway=resume_anyway, lineage=lineage)
-
-
-def _run(recipe: Recipe, src: RecipeSource, force: bool = False, echo: bool = True, callbacks: list[Any] | None = None,
-         restart: bool = False, resume_anyway: bool = False, lineage: dict[str, Any] | None = None) -> Any:
-    """Train a dpo or kto recipe end to end (resuming an interrupted run like `train.run`)."""
-    import datasets
-    from transformers import set_seed
-    from transformers.utils import logging as hf_logging
-
-    from adapterkit.recipes.train import RunResult
-
-    procs = models.processes()  # under `accelerate launch` only the main process prints and writes (see train.run)
-    main = procs.is_main_process
-    echo = echo and main
-    say = print if echo else (lambda *a, **k: None)
-    datasets.disable_progress_bars()
-    hf_logging.disable_progress_bar()
-    out = Path(recipe.output_dir)
-    data_ids = {"train": _data_files(recipe.data.train, recipe.data.train_split),
-                "eval": _data_files(recipe.data.eval, recipe.data.eval_split)}
-    resolved = saved_recipe(recipe)
-    checkpoint = rundir.plan_output_dir(out, resolved, data_ids, force, restart, resume_anyway)
-    procs.wait_for_everyone()  # all processes decide on output_dir before anything is written
-    dev = models.device()
-    set_seed(recipe.train.seed)
-
-    start = starting_point(recipe)
-    tokenizer_dir = start.adapter_dir or (start.from_run / "model" if start.from_run else None)
-    tokenizer = models.load_tokenizer(recipe.model, str(tokenizer_dir or recipe.model.tokenizer or start.source))
-    formatter, train, evaluation_rows, reports = prepare_data(recipe, tokenizer, start)
-    config = models.load_config(recipe.model, start.source)
-    precision = models.resolve_precision(recipe.train.precision, dev,
-                                         models.count_parameters(config, recipe.model.trust_remote_code))
-    say(f"data ({recipe.data.task}, {formatter.spec.mode} template)")
-    for report in reports:
-        say("  " + report.summary())
-    if start.from_run is not None:
-        say(f"starting from run {start.from_run} ({start.method.name}"
-            + (", its adapter continues and is the frozen reference)" if start.adapter_dir else ", as the base)"))
-    # Planned with the adapter that trains (the starting run's, when it continues one); recipe.yaml keeps
-    # what was asked, the manifest what ran.
-    planned = recipe if start.adapter_dir is None else dataclasses.replace(recipe, adapter=start.run_recipe.adapter)
-    problems = model_problems(planned, config,
-                              plan_mod.architecture(config, recipe.model.trust_remote_code).quantized_matrices)
-    if problems:
-        raise ConfigError(problems)
-    planned, why = plan_mod.resolve_checkpointing(planned, config, start.source, dev, procs.num_processes)
-    decided = dataclasses.replace(recipe, train=planned.train)
-    if why:
-        say(f"gradient checkpointing (auto): {why}")
-
-    lineage = {**(lineage or {}), **({"from_run": str(start.from_run.resolve())} if start.from_run else {})}
-    if main and checkpoint is not None:
-        step = rundir.resume(out, checkpoint, say)
-        say(f"resuming from {checkpoint} (step {step}); recipe and data are unchanged since it was written")
-    elif main:
-        rundir.start(out, (out / rundir.MANIFEST).is_file(), dump_recipe(recipe), {
-            "recipe": src.name, "recipe_path": src.path, "overrides": src.command_line, "stage": recipe.stage,
-            "method": start.method.name, "task": recipe.data.task, "seed": recipe.train.seed, "device": str(dev),
-            "processes": procs.num_processes, "precision": precision, "model_source": start.source,
-            "gradient_checkpointing": decided.train.gradient_checkpointing,
-            "fingerprint": rundir.fingerprint(resolved), "data": data_ids, "lineage": lineage,
-        })
-        rundir.write_json(out / "data_report.json", [r.to_dict() for r in reports])
-    procs.wait_for_everyone()  # the others read the manifest next
-
-    try:
-        trainer, metrics = _train(decided, out, dev, start, tokenizer, train, evaluation_rows, precision, say, echo,
-                                  callbacks, checkpoint, reports)
-        if "ref" in getattr(trainer.model, "peft_config", {}):
-            trainer.model.delete_adapter("ref")  # the reference is the starting adapter, already saved by its run
-        save_final(trainer, tokenizer, formatter, out)
-    except BaseException as e:
-        if main:
-            rundir.mark_ended(out, e)
-        raise
-    if not main:
-        return RunResult(out, trainer.model, tokenizer, metrics)
-    rundir.plot_losses(out)
-    if "pref_before" in metrics:
-        summary = {"task": recipe.data.task, "n": metrics.pop("pref_n"), "skipped": {},
-                   "headline": "preference_accuracy" if recipe.stage == "dpo" else "logp_gap",
-                   "base": metrics["pref_before"], "tuned": metrics["pref_after"], "worst": []}
-        evaluation.write_report(out, summary, f"{src.name}: {recipe.stage} ({start.method.name})", out / "loss.png")
-        say(evaluation.metrics_table(summary))
-    rundir.update_manifest(out, status="completed", finished=rundir.now(), metrics=metrics)
-    say(f"saved {start.method.name} {'adapter' if start.method.family != 'full' else 'model'} to {out / 'model'}")
-    return RunResult(out, trainer.model, tokenizer, metrics)
-
-
 def fit_reports(recipe: Recipe, trainer: Any, reports: list[DataReport], out: Path, say: Any) -> None:
     """Add what fitting into max_length did to the data reports (printed and saved), and refuse a run
     that would drop more than data.max_dropped of its training pairs that way."""
@@ -491,68 +368,132 @@ def fit_reports(recipe: Recipe, trainer: Any, reports: list[DataReport], out: Pa
         rundir.write_json(out / "data_report.json", [r.to_dict() for r in reports])
     train_report = reports[0]
     if sum(train_report.dropped.values()) > d.max_dropped * train_report.rows_read:
-        raise DataError(too_many_dropped(train_report, d, _describe(d.train),
-                                         "keeps every pair: the end of the prompt and the start of the replies"))
+        raise DataError(too_many_dropped(train_report, d, describe_source(d.train), KEEPS_EVERY_PAIR))
     if trainer.eval_dataset is not None and len(trainer.eval_dataset) == 0:
-        raise DataError(Problem(_describe(d.eval), f"no eval pair fits data.max_length={d.max_length} "
+        raise DataError(Problem(describe_source(d.eval), f"no eval pair fits data.max_length={d.max_length} "
                                 f"(data.truncation: {d.truncation})", "data.truncation",
                                 fix="use data.truncation=input (keeps the end of the prompt), or raise data.max_length"))
 
 
-def _train(recipe: Recipe, out: Path, dev: Any, start: Start, tokenizer: Any, train: list[dict],
-           evaluation_rows: list[dict] | None, precision: str, say: Any, echo: bool, callbacks: list[Any] | None,
-           checkpoint: Path | None, reports: list[DataReport]) -> tuple[Any, dict[str, Any]]:
-    import datasets
-    from transformers import PrinterCallback
+@dataclass
+class PreferenceData:
+    """The preference stage's own part of a prepared run."""
 
-    model = load_model(recipe, start, precision, dev)
-    trainable, total = trainable_parameters(model)
-    say(f"model: {start.method.name}, {trainable:,} of {total:,} parameters train ({100 * trainable / total:.3f}%), "
-        f"{dev.type}, {precision}")
-    if recipe.stage == "kto":
-        from trl import KTOTrainer as Base
-    else:
-        from trl import DPOTrainer as Base
-    # trl casts a QLoRA model's trainable weights to bf16, which would start the policy a rounding away
-    # from its reference; keep the float32 values and put them back (see also train.py).
-    trained_weights = {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
-    progress = rundir.ProgressLog(out, echo=echo)
-    d = recipe.data
-    trainer = fitting_trainer_class(guarded_trainer_class(Base), d.max_length, d.truncation, tokenizer.bos_token_id)(
-        model=model,
-        args=_config(recipe, out, precision, dev, evaluation_rows is not None),
-        train_dataset=datasets.Dataset.from_list(train),
-        eval_dataset=datasets.Dataset.from_list(evaluation_rows) if evaluation_rows else None,
-        processing_class=tokenizer,
-        callbacks=[progress, *(callbacks or [])],
-    )
-    trainer.remove_callback(PrinterCallback)
-    for name, p in trainer.model.named_parameters():
-        if name in trained_weights:
-            p.data = trained_weights[name]
-    fit_reports(recipe, trainer, reports, out, say)
-    metrics: dict[str, Any] = {"trainable_parameters": trainable, "total_parameters": total}
-    pairs, labels, lengths = [], None, []
-    if evaluation_rows:
-        pairs = sequence_pairs(trainer.eval_dataset, recipe.data.max_length)
-        labels = list(trainer.eval_dataset["label"]) if recipe.stage == "kto" else None
-        lengths = [len(t) for _, t in pairs]
-        previous = rundir.read_manifest(out).get("metrics") or {}
-        if "start_logps" in previous:
-            start_logps = previous["start_logps"]
+    start: Start
+    train: list[dict]
+    evaluation: list[dict] | None
+
+
+class PreferenceStage:
+    """`dpo` and `kto`: trl's DPOTrainer and KTOTrainer, the reference being the starting policy."""
+
+    def resolve(self, recipe: Recipe) -> tuple[Recipe, dict[str, Any]]:
+        if recipe.model.from_run is None:
+            return recipe, {}
+        start = starting_point(recipe)
+        lineage = {"from_run": str(start.from_run.resolve())}
+        if start.adapter_dir is None:
+            return recipe, lineage
+        # The starting run's adapter continues: its method, settings and base are what train, so they are
+        # what the run's recipe.yaml says.
+        return dataclasses.replace(recipe, adapter=start.run_recipe.adapter, model=dataclasses.replace(
+            start.run_recipe.model, from_run=recipe.model.from_run)), lineage
+
+    def data(self, recipe: Recipe, say: Any = print) -> Data:
+        start = starting_point(recipe)
+        tokenizer_dir = start.adapter_dir or (start.from_run / "model" if start.from_run else None)
+        tokenizer = models.load_tokenizer(recipe.model, str(tokenizer_dir or recipe.model.tokenizer or start.source))
+        formatter, train, evaluation_rows, reports = prepare_data(recipe, tokenizer, start)
+        return Data(tokenizer, formatter, train, evaluation_rows, reports, start.source)
+
+    def prepare(self, recipe: Recipe, ctx: Context) -> Prepared:
+        say = ctx.say
+        start = starting_point(recipe)
+        data = self.data(recipe, say)
+        tokenizer, formatter, train, evaluation_rows, reports = (
+            data.tokenizer, data.formatter, data.train, data.evaluation, data.reports)
+        config = models.load_config(recipe.model, start.source)
+        precision = models.resolve_precision(recipe.train.precision, ctx.dev,
+                                             models.count_parameters(config, recipe.model.trust_remote_code))
+        say(f"data ({recipe.data.task}, {formatter.spec.mode} template)")
+        for report in reports:
+            say("  " + report.summary())
+        if start.from_run is not None:
+            say(f"starting from run {start.from_run} ({start.method.name}"
+                + (", its adapter continues and is the frozen reference)" if start.adapter_dir else ", as the base)"))
+        problems = models.model_problems(recipe, config, plan_mod.architecture(
+            config, recipe.model.trust_remote_code).quantized_matrices)
+        if problems:
+            raise ConfigError(problems)
+        checkpointing, why = plan_mod.resolve_checkpointing(recipe, config, start.source, ctx.dev,
+                                                            ctx.procs.num_processes)
+        if why:
+            say(f"gradient checkpointing (auto): {why}")
+        return Prepared(recipe, Auto(gradient_checkpointing=checkpointing), start.method, start.source, tokenizer,
+                        formatter, reports, precision, config, work=PreferenceData(start, train, evaluation_rows))
+
+    def train(self, run: Prepared, ctx: Context) -> tuple[Any, dict[str, Any]]:
+        import datasets
+
+        recipe, work, out, say, dev = run.recipe, run.work, ctx.out, ctx.say, ctx.dev
+        tokenizer = run.tokenizer
+        model = load_model(run, work.start, dev)
+        trainable, total = trainable_parameters(model)
+        say(f"model: {run.method.name}, {trainable:,} of {total:,} parameters train "
+            f"({100 * trainable / total:.3f}%), {dev.type}, {run.precision}")
+        if recipe.stage == "kto":
+            from trl import KTOTrainer as Base
         else:
-            # Before any step the policy is the starting policy, which is also the reference.
-            start_logps = score(trainer.model, pairs, tokenizer.pad_token_id, recipe.eval.batch_size, say, "start")
-            if trainer.is_world_process_zero():
-                rundir.update_manifest(out, metrics={**metrics, "start_logps": start_logps})
-    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    metrics.update(train_loss=result.training_loss, steps=result.global_step,
-                   runtime_s=round(result.metrics.get("train_runtime", 0.0), 2),
-                   tokens_seen=trainer.state.num_input_tokens_seen)
-    if evaluation_rows:
-        tuned = score(trainer.model, pairs, tokenizer.pad_token_id, recipe.eval.batch_size, say, "tuned")
-        beta = recipe.preference.beta
-        metrics["pref_before"] = preference_metrics(recipe.stage, start_logps, None, labels, lengths, beta)
-        metrics["pref_after"] = preference_metrics(recipe.stage, start_logps, tuned, labels, lengths, beta)
-        metrics["pref_n"] = len(evaluation_rows)
-    return trainer, metrics
+            from trl import DPOTrainer as Base
+        d = recipe.data
+        trainer = build_trainer(
+            fitting_trainer_class(guarded_trainer_class(Base), d.max_length, d.truncation, tokenizer.bos_token_id),
+            model,
+            args=_config(recipe, run.auto, out, run.precision, dev, work.evaluation is not None),
+            train_dataset=datasets.Dataset.from_list(work.train),
+            eval_dataset=datasets.Dataset.from_list(work.evaluation) if work.evaluation else None,
+            processing_class=tokenizer,
+            callbacks=[rundir.ProgressLog(out, echo=ctx.echo), *ctx.callbacks],
+        )
+        fit_reports(recipe, trainer, run.reports, out, say)
+        metrics: dict[str, Any] = {"trainable_parameters": trainable, "total_parameters": total}
+        pairs, labels, lengths = [], None, []
+        if work.evaluation:
+            pairs = sequence_pairs(trainer.eval_dataset, d.max_length)
+            labels = list(trainer.eval_dataset["label"]) if recipe.stage == "kto" else None
+            lengths = [len(t) for _, t in pairs]
+            previous = rundir.read_manifest(out).get("metrics") or {}
+            if "start_logps" in previous:
+                start_logps = previous["start_logps"]
+            else:
+                # Before any step the policy is the starting policy, which is also the reference.
+                start_logps = score(trainer.model, pairs, tokenizer.pad_token_id, recipe.eval.batch_size, say, "start")
+                if trainer.is_world_process_zero():
+                    rundir.update_manifest(out, metrics={**metrics, "start_logps": start_logps})
+        result = trainer.train(resume_from_checkpoint=str(ctx.checkpoint) if ctx.checkpoint else None)
+        metrics.update(train_loss=result.training_loss, steps=result.global_step,
+                       runtime_s=round(result.metrics.get("train_runtime", 0.0), 2),
+                       tokens_seen=trainer.state.num_input_tokens_seen)
+        if work.evaluation:
+            tuned = score(trainer.model, pairs, tokenizer.pad_token_id, recipe.eval.batch_size, say, "tuned")
+            beta = recipe.preference.beta
+            metrics["pref_before"] = preference_metrics(recipe.stage, start_logps, None, labels, lengths, beta)
+            metrics["pref_after"] = preference_metrics(recipe.stage, start_logps, tuned, labels, lengths, beta)
+            metrics["pref_n"] = len(work.evaluation)
+        if "ref" in getattr(trainer.model, "peft_config", {}):
+            trainer.model.delete_adapter("ref")  # the reference is the starting adapter, already saved by its run
+        return trainer, metrics
+
+    def finish(self, run: Prepared, ctx: Context, metrics: dict[str, Any]) -> None:
+        if "pref_before" not in metrics:
+            return
+        recipe = run.recipe
+        summary = {"task": recipe.data.task, "n": metrics.pop("pref_n"), "skipped": {},
+                   "headline": "preference_accuracy" if recipe.stage == "dpo" else "logp_gap",
+                   "base": metrics["pref_before"], "tuned": metrics["pref_after"], "worst": []}
+        evaluation.write_report(ctx.out, summary, f"{ctx.src.name}: {recipe.stage} ({run.method.name})",
+                                ctx.out / "loss.png")
+        ctx.say(evaluation.metrics_table(summary))
+
+
+STAGE = PreferenceStage()
