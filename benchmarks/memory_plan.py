@@ -16,7 +16,7 @@ free of the CPU allocator, from the start of training to its end; their running 
 alive when training starts (weights, 4-bit quantisation state, buffers: every tensor the garbage
 collector can reach, each storage once), is the tensor memory at every moment, and its maximum is the
 peak. Nothing is sampled and nothing is left out: parameters, gradients, optimizer state, activations,
-the LM head's buffers and every temporary are in it. The plan is `adapterkit.plan.plan(recipe,
+the LM head's buffers and every temporary are in it. The plan is `adapterkit.plan.estimate(recipe,
 device="cpu")`, computed from the model's config alone.
 
 This CPU has no bf16 instructions, so adapterkit refuses `train.precision=bf16` here; the `bf16`
@@ -197,7 +197,7 @@ def predict(model_dir: Path, method: str, seq: int, batch: int, extra: list[str]
     recipe, _ = load_recipe("lora-sentiment", overrides_for(model_dir, data, method, seq, batch, extra, work / "run"))
     config, name = plan.model_config(recipe)
     with software_bf16(extra):
-        return plan.plan(recipe, plan.ModelFacts.of(config, name), device="cpu", padded=grad_accum(extra) == 1)
+        return plan.estimate(recipe, plan.ModelFacts.of(config, name), device="cpu", padded=grad_accum(extra) == 1)
 
 
 def measure_apart(cid: str, root: Path) -> dict[str, int]:

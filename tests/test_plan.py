@@ -51,7 +51,7 @@ def facts_7b(llama_7b) -> memory.ModelFacts:
 
 def plan_7b(facts, *overrides: str, device: str = "cuda") -> memory.MemoryPlan:
     recipe, _ = load_recipe("lora-sentiment", list(overrides))
-    return memory.plan(recipe, facts, device)
+    return memory.estimate(recipe, facts, device)
 
 
 def test_a_7b_model_is_planned_from_its_config_json_alone(capsys, llama_7b):
@@ -129,7 +129,7 @@ def test_8bit_and_paged_optimizers_shrink_what_the_gpu_holds(facts_7b):
     plans = {}
     for name in ("adamw", "adamw_8bit", "paged_adamw_8bit"):
         recipe.train = SimpleNamespace(**{**vars(recipe.train), "optimizer": name})
-        plans[name] = memory.plan(recipe, facts_7b)
+        plans[name] = memory.estimate(recipe, facts_7b)
     assert plans["adamw_8bit"].optimizer_state < plans["adamw"].optimizer_state / 3.5
     assert plans["paged_adamw_8bit"].optimizer_state == plans["adamw_8bit"].optimizer_state
     assert plans["paged_adamw_8bit"].peak == plans["adamw_8bit"].peak - plans["adamw_8bit"].optimizer_state
@@ -192,7 +192,7 @@ def test_the_trainable_count_is_what_training_wraps(tiny_model_dir, method, extr
     recipe, _ = load_recipe("lora-sentiment", [f"model.name_or_path={tiny_model_dir}", f"adapter.method={method}",
                                                *extra])
     config, name = memory.model_config(recipe)
-    planned = memory.plan(recipe, memory.ModelFacts.of(config, name), "cpu")
+    planned = memory.estimate(recipe, memory.ModelFacts.of(config, name), "cpu")
     wrapped = METHODS[method].wrap(AutoModelForCausalLM.from_pretrained(tiny_model_dir), recipe.adapter,
                                    tokenizer_source=str(tiny_model_dir))
     assert planned.trainable == trainable_parameters(wrapped)[0]
@@ -213,8 +213,8 @@ def test_the_predicted_peak_matches_a_measured_training_run(tmp_path, tiny_model
 def test_auto_checkpointing_turns_on_only_when_the_run_would_not_fit(facts_7b):
     recipe, _ = load_recipe("lora-sentiment", ["data.max_length=1024"])
     assert recipe.train.gradient_checkpointing == "auto"  # the default
-    off = memory.plan(memory.with_checkpointing(recipe, False), facts_7b, "cuda").total
-    on = memory.plan(memory.with_checkpointing(recipe, True), facts_7b, "cuda").total
+    off = memory.estimate(memory.with_checkpointing(recipe, False), facts_7b, "cuda").total
+    on = memory.estimate(memory.with_checkpointing(recipe, True), facts_7b, "cuda").total
     assert on < off
     assert memory.auto_checkpointing(recipe, facts_7b, "cuda", off)[0] is False
     decided, why = memory.auto_checkpointing(recipe, facts_7b, "cuda", off - 1)
@@ -222,7 +222,7 @@ def test_auto_checkpointing_turns_on_only_when_the_run_would_not_fit(facts_7b):
     decided, why = memory.auto_checkpointing(recipe, facts_7b, "cuda", on - 1)
     assert decided is True and "may still not fit" in why  # on is the best it can do; the plan says more
     # A CPU process holds more than its tensors: the same budget that fits a GPU run is short on a CPU.
-    cpu_off = memory.plan(memory.with_checkpointing(recipe, False), facts_7b, "cpu").total
+    cpu_off = memory.estimate(memory.with_checkpointing(recipe, False), facts_7b, "cpu").total
     assert memory.auto_checkpointing(recipe, facts_7b, "cpu", cpu_off)[0] is True
     prefix, _ = load_recipe("lora-sentiment", ["adapter.method=prefix_tuning"])
     assert memory.auto_checkpointing(prefix, facts_7b, "cuda", 1)[0] is False  # prefix tuning cannot checkpoint
@@ -251,7 +251,7 @@ def test_a_run_decides_auto_from_the_free_memory_and_records_it(tmp_path, tiny_m
     assert not result.model.get_base_model().is_gradient_checkpointing
     assert "gradient_checkpointing: auto" in (result.out / "recipe.yaml").read_text()  # what was asked is kept
 
-    monkeypatch.setattr(memory, "free_memory", lambda dev, processes=1: 1 * memory.MiB)  # a machine short of memory
+    monkeypatch.setattr(memory.checkpointing, "free_memory", lambda dev, processes=1: 1 * memory.MiB)  # a machine short of memory
     recipe, src = load_recipe("lora-sentiment", [*common, f"output_dir={tmp_path / 'short'}"])
     result = run(recipe, src, echo=False)
     assert json.loads((result.out / "manifest.json").read_text())["gradient_checkpointing"] is True
