@@ -37,8 +37,8 @@ def builtin_recipe(name: str, overrides: list[str] | None = None) -> tuple[Any, 
     recipe, src = load_recipe(str(recipe_path), overrides or [])
     h = hashlib.sha256(recipe_path.read_bytes())
     h.update("\n".join(overrides or []).encode())
-    for spec in [recipe.data.train] if isinstance(recipe.data.train, str) else recipe.data.train:
-        h.update(resolve_sample(spec).read_bytes() if spec.startswith("sample:") else spec.encode())
+    for source in [recipe.data.train] if isinstance(recipe.data.train, str) else recipe.data.train:
+        h.update(resolve_sample(source).read_bytes() if source.startswith("sample:") else source.encode())
     return recipe, src, cache_dir() / "builtin" / f"{name}-{h.hexdigest()[:12]}"
 
 

@@ -118,11 +118,11 @@ def parity_batch(trained: Trained, rows: int = ROWS) -> ParityBatch:
     """The first `rows` usable rows of the run's eval data (else its train data), through its own formatter."""
     d = trained.recipe.data
     formatter = Formatter(trained.spec, trained.tokenizer, d.columns)
-    for key, spec, split in (("data.eval", d.eval, d.eval_split), ("data.train", d.train, d.train_split)):
-        if spec is None:
+    for key, source, split in (("data.eval", d.eval, d.eval_split), ("data.train", d.train, d.train_split)):
+        if source is None:
             continue
         sequences, prompts = [], []
-        for raw in read_rows(spec, split, key):
+        for raw in read_rows(source, split, key):
             fields, _ = formatter.fields(raw)
             if fields is None:
                 continue
@@ -137,7 +137,7 @@ def parity_batch(trained: Trained, rows: int = ROWS) -> ParityBatch:
             if len(sequences) == rows:
                 break
         if sequences:
-            return ParityBatch(sequences, prompts, f"{key} ({spec if isinstance(spec, str) else ', '.join(spec)})")
+            return ParityBatch(sequences, prompts, f"{key} ({source if isinstance(source, str) else ', '.join(source)})")
     raise DataError(Problem(str(trained.run_dir / "recipe.yaml"), "neither data.eval nor data.train has a usable row "
                             "for the parity check", "data", fix="restore the run's data files at their paths"))
 

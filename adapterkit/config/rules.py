@@ -145,16 +145,16 @@ def _check(recipe: Recipe, src: RecipeSource) -> list[Problem]:
     if m.init == "pretrained" and "model.architecture" in src.where:
         bad("model.architecture", "only used with model.init: scratch", "remove it, or set model.init: scratch")
 
-    spec = TASKS[d.task]
+    task = TASKS[d.task]
     for field_name in d.columns:
-        if field_name not in spec.fields:
-            hint = did_you_mean(field_name, spec.fields)
+        if field_name not in task.fields:
+            hint = did_you_mean(field_name, task.fields)
             bad(f"data.columns.{field_name}", f"'{field_name}' is not a field of task '{d.task}'"
                 + (f" ({hint})" if hint else ""),
-                f"map the task's fields ({', '.join(spec.fields)}) to your column names, e.g. "
-                f"columns: {{{spec.fields[0]}: my_column}}")
+                f"map the task's fields ({', '.join(task.fields)}) to your column names, e.g. "
+                f"columns: {{{task.fields[0]}: my_column}}")
     if d.template is not None:
-        if spec.kind not in ("prompt_completion", "preference", "unpaired"):
+        if task.kind not in ("prompt_completion", "preference", "unpaired"):
             bad("data.template", f"task '{d.task}' has no prompt template", "remove data.template")
         else:
             try:
@@ -165,11 +165,11 @@ def _check(recipe: Recipe, src: RecipeSource) -> list[Problem]:
                     "use {field} placeholders; write {{ and }} for literal braces")
             # The fields a template may not show: what the model is to produce (and a kto row's verdict).
             answers = {"preference": ("chosen", "rejected"), "unpaired": ("completion", "label")}.get(
-                spec.kind, (spec.fields[-1] if spec.target is None else spec.target,))
-            unknown = sorted(placeholders - set(spec.fields))
+                task.kind, (task.fields[-1] if task.target is None else task.target,))
+            unknown = sorted(placeholders - set(task.fields))
             if unknown:
                 bad("data.template", f"unknown placeholder(s) {unknown}",
-                    f"use the fields of task '{d.task}': {', '.join(f for f in spec.fields if f not in answers)}")
+                    f"use the fields of task '{d.task}': {', '.join(f for f in task.fields if f not in answers)}")
             for target in (f for f in answers if f in placeholders):
                 bad("data.template", f"the template must not contain the answer field '{target}'",
                     "the template is the prompt; the completion is appended after it")

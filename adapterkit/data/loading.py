@@ -31,16 +31,16 @@ class RawRow:
     where: str
 
 
-def resolve_sample(spec: str) -> Path:
+def resolve_sample(source: str) -> Path:
     """`sample:TASK/SPLIT` -> the shipped file."""
-    name = spec.removeprefix("sample:")
+    name = source.removeprefix("sample:")
     task, _, split = name.partition("/")
     folder = SAMPLES / task
     candidates = sorted(folder.glob(f"{split}.*")) if split and folder.is_dir() else []
     if not candidates:
         available = sorted(f"sample:{p.parent.name}/{p.name.split('.')[0]}" for p in SAMPLES.glob("*/*.*"))
-        hint = did_you_mean(spec, available)
-        raise DataError(Problem(spec, "no such shipped sample" + (f" ({hint})" if hint else ""),
+        hint = did_you_mean(source, available)
+        raise DataError(Problem(source, "no such shipped sample" + (f" ({hint})" if hint else ""),
                                 fix=f"use one of: {', '.join(available)}"))
     return candidates[0]
 
@@ -137,38 +137,38 @@ def _read_txt(path: Path) -> Iterator[RawRow]:
             yield RawRow({"text": "\n".join(paragraph)}, f"{path}:{start}")
 
 
-def _read_hub(spec: str, split: str) -> list[RawRow]:
+def _read_hub(source: str, split: str) -> list[RawRow]:
     import datasets
 
     try:
-        ds = datasets.load_dataset(spec, split=split)
+        ds = datasets.load_dataset(source, split=split)
     except Exception as e:  # offline, unknown id, unknown split: all user-fixable
-        raise DataError(Problem(spec, f"could not load it as a datasets hub id, split '{split}' ({type(e).__name__}: "
+        raise DataError(Problem(source, f"could not load it as a datasets hub id, split '{split}' ({type(e).__name__}: "
                                 f"{str(e).splitlines()[0] if str(e) else ''})",
                                 fix="check the id, the split (data.train_split / data.eval_split) and the network, "
                                     "or pass a local file")) from None
-    return [RawRow(dict(row), f"{spec}[{split}] row {i}") for i, row in enumerate(ds)]
+    return [RawRow(dict(row), f"{source}[{split}] row {i}") for i, row in enumerate(ds)]
 
 
-def read_rows(spec: str | list[str], split: str, key: str) -> list[RawRow]:
-    """Read every row of a data spec (file, sample, hub id, or a list of them)."""
-    if isinstance(spec, list):
-        return [row for one in spec for row in read_rows(one, split, key)]
-    if spec.startswith("sample:"):
-        path = resolve_sample(spec)
+def read_rows(source: str | list[str], split: str, key: str) -> list[RawRow]:
+    """Read every row of a data source (file, sample, hub id, or a list of them)."""
+    if isinstance(source, list):
+        return [row for one in source for row in read_rows(one, split, key)]
+    if source.startswith("sample:"):
+        path = resolve_sample(source)
     else:
-        path = Path(spec).expanduser()
+        path = Path(source).expanduser()
         if not path.exists():
-            if HUB_ID.fullmatch(spec) and _format_of(path) not in FORMATS:
-                return _read_hub(spec, split)
+            if HUB_ID.fullmatch(source) and _format_of(path) not in FORMATS:
+                return _read_hub(source, split)
             siblings = [p.name for p in path.parent.glob("*")] if path.parent.is_dir() else []
             hint = did_you_mean(path.name, siblings)
-            raise DataError(Problem(spec, "file not found" + (f" ({hint})" if hint else ""), key,
+            raise DataError(Problem(source, "file not found" + (f" ({hint})" if hint else ""), key,
                                     fix="check the path (relative paths start from the current directory)"))
         if path.is_dir():
-            raise DataError(Problem(spec, "is a directory", key, fix=f"pass a data file ({', '.join(FORMATS)})"))
+            raise DataError(Problem(source, "is a directory", key, fix=f"pass a data file ({', '.join(FORMATS)})"))
         if not path.is_file():  # a FIFO or a device would block, or never end
-            raise DataError(Problem(spec, "is not a regular file (a pipe, socket or device)", key,
+            raise DataError(Problem(source, "is not a regular file (a pipe, socket or device)", key,
                                     fix="write the data to a file first, then pass that file"))
     fmt = _format_of(path)
     readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": lambda p: _read_csv(p, ","),

@@ -53,7 +53,7 @@ class Start:
     """An earlier run's adapter, which keeps training (and is the reference); None for a fresh adapter."""
     from_run: Path | None = None
     run_recipe: Recipe | None = None
-    spec: FormatSpec | None = None
+    format: FormatSpec | None = None
     """The earlier run's format (template mode, chat template, system prompt), reused for the prompts."""
 
 
@@ -69,14 +69,14 @@ def starting_point(recipe: Recipe) -> Start:
                                       fix="pass the run's output_dir, or use model.name_or_path for a plain model"))
     manifest = rundir.read_manifest(run_dir)
     run_recipe, _ = load_recipe(str(run_dir / "recipe.yaml"))
-    spec = FormatSpec(**json.loads((model_dir / "format.json").read_text())) if (model_dir / "format.json").is_file() else None
+    fmt = FormatSpec(**json.loads((model_dir / "format.json").read_text())) if (model_dir / "format.json").is_file() else None
     method = METHODS[manifest["method"]]
     if method.continues is not None:
         # The adapter continues: its method (lora or qlora) and settings are the run's.
-        return Start(manifest["model_source"], method, model_dir, run_dir, run_recipe, spec)
+        return Start(manifest["model_source"], method, model_dir, run_dir, run_recipe, fmt)
     if method.trains_base:
         # A full fine-tune (or pretraining) produced whole weights: they are the base of a new adapter.
-        return Start(str(model_dir), METHODS[recipe.adapter.method], None, run_dir, run_recipe, spec)
+        return Start(str(model_dir), METHODS[recipe.adapter.method], None, run_dir, run_recipe, fmt)
     raise AdapterkitError(Problem("model.from_run", f"run '{run_dir}' trained a {method.name} soft prompt, which "
                                   "cannot continue as a preference stage",
                                   fix="start from a lora, qlora or full run, or from a plain model"))
@@ -131,13 +131,13 @@ def prepare_data(recipe: Recipe, tokenizer: Any, start: Start) -> tuple[Formatte
     train_rows = read_rows(d.train, d.train_split, "data.train")
     probe = Formatter(FormatSpec(task=d.task, mode="plain"), tokenizer, d.columns)
     formatter = Formatter.for_training(d, tokenizer, [], conversational=_conversational(train_rows, probe))
-    if start.spec is not None:
+    if start.format is not None:
         # Ask in the words the starting model was trained with: its template mode, chat template and
         # system prompt (unless the recipe sets its own).
         spec = formatter.spec
-        spec.mode = start.spec.mode if spec.mode == "plain" else spec.mode
-        spec.chat_template = start.spec.chat_template or spec.chat_template
-        spec.system_prompt = d.system_prompt if d.system_prompt is not None else start.spec.system_prompt
+        spec.mode = start.format.mode if spec.mode == "plain" else spec.mode
+        spec.chat_template = start.format.chat_template or spec.chat_template
+        spec.system_prompt = d.system_prompt if d.system_prompt is not None else start.format.system_prompt
         formatter = Formatter(spec, tokenizer, d.columns)
     train, report = format_rows(train_rows, formatter, "train", describe_source(d.train))
     reports = [report]

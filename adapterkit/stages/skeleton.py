@@ -26,15 +26,15 @@ from adapterkit.errors import DataError, Problem
 from adapterkit.stages.trainer import Auto, save_final
 
 
-def describe_source(spec: str | list[str] | None) -> str:
+def describe_source(source: str | list[str] | None) -> str:
     """A data source (or several) as the data report and error messages name it."""
-    return ", ".join(spec) if isinstance(spec, list) else str(spec)
+    return ", ".join(source) if isinstance(source, list) else str(source)
 
 
-def data_identity(spec: str | list[str] | None, split: str) -> list[dict[str, str]]:
+def data_identity(source: str | list[str] | None, split: str) -> list[dict[str, str]]:
     """Identity of each data source for the manifest: a content hash for files, id and split for the hub."""
     out = []
-    for one in ([spec] if isinstance(spec, str) else spec or []):
+    for one in ([source] if isinstance(source, str) else source or []):
         path = resolve_sample(one) if one.startswith("sample:") else Path(one).expanduser()
         if path.is_file():
             out.append({"source": one, "path": str(path.resolve()), "sha256": rundir.file_sha256(path)})
