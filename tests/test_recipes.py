@@ -3,13 +3,16 @@ shipped samples) and leaves a complete run directory."""
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
 import json
 
 import pytest
+import torch
 
 from adapterkit.config import load_recipe, shipped, summary
 from adapterkit.data.formatter import FormatSpec, Formatter
-from adapterkit.data.loading import read_rows
+from adapterkit.data.loading import read_rows, resolve_sample
 from adapterkit.stages import run
 
 SFT = sorted(n for n in shipped() if summary(shipped()[n])["stage"] == "sft")
@@ -27,8 +30,10 @@ def test_shipped_recipe_runs_end_to_end(name, tmp_path, fast_builtin):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "completed" and manifest["method"] == recipe.adapter.method
     assert manifest["model_source"] == str(fast_builtin)
-    assert all(len(d["sha256"]) == 64 for d in manifest["data"]["train"])
-    assert {"torch", "transformers", "peft", "trl"} <= set(manifest["versions"])
+    train_file = resolve_sample(recipe.data.train)
+    assert [d["sha256"] for d in manifest["data"]["train"]] == [hashlib.sha256(train_file.read_bytes()).hexdigest()]
+    assert manifest["versions"]["torch"] == torch.__version__
+    assert manifest["versions"]["trl"] == importlib.metadata.version("trl")
     assert "eval_loss_before" in manifest["metrics"] and "eval_loss_after" in manifest["metrics"]
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "loss" in r] == [1, 2, 3]
@@ -70,5 +75,6 @@ def test_shipped_preference_recipe_runs_end_to_end(name, tmp_path, fast_builtin)
     assert (out / "model" / "adapter_model.safetensors").is_file()
     assert not (out / "model" / "ref").exists()  # only the trained adapter is saved, not trl's reference copy
     summary_ = json.loads((out / "metrics.json").read_text())
-    assert summary_["n"] == 16 and summary_["headline"] in summary_["base"]
-    assert "reward_accuracy" in summary_["tuned"]
+    assert summary_["n"] == 16
+    moved = "reward_margin" if recipe.stage == "dpo" else "logp_gap"  # the policy moved from its reference
+    assert summary_["tuned"][moved] != summary_["base"].get(moved, 0)
