@@ -29,10 +29,12 @@ Writes benchmarks/results/preference_vs_trl.md and .json (`--quick`: preference_
   (`trainer.evaluate` on the held-out pairs after training) and adapterkit's `reward_accuracy` (its run
   with `data.eval=<held-out>`), each computed in that tool's own formatting and truncation.
 
-Not yet run end to end: on 2 cores shared with a test suite, one trl run of 150 steps took 934 s of
-training (trl turns gradient checkpointing on by default) and one adapterkit run 145 s, so the default
-invocation takes about an hour on such a machine; the 20-minute target needs fewer steps or a lighter
-trl baseline (issue 19).
+`--causes` adds the cause table: adapterkit as it was when issue 19 was filed (`before`: trl's own cut
+at max_length, which drops pairs whose prompt fills it, and a cosine schedule with 3% warmup), and
+`before` with one change at a time (the VARIANTS table below). trl runs without gradient checkpointing
+(`gradient_checkpointing=False`; the math is the same, dropout being off in both tools; 150 steps took
+934 s with trl's default checkpointing and 210-240 s without it here, both on cores shared with other
+work), so the default invocation (2 tools x 3 seeds x 150 steps) fits in 20 minutes on 2 cores.
 
 Every training run is its own process, one after another. Wall time: the trainer's train loop (first to
 last step), and the whole process (imports, data, train, the tool's own held-out scoring).
@@ -425,8 +427,10 @@ def markdown(result: dict[str, Any]) -> str:
     if v:
         lines += ["", "## How each tool sees the data", "",
                   f"adapterkit formats the prompt in the SFT run's template mode (`{v['adapterkit_template_mode']}`); trl "
-                  "takes the text as it is and appends EOS. Under trl's `keep_start` truncation at max_length "
-                  f"{MAX_LENGTH} (both tools train through it):", "",
+                  "takes the text as it is and appends EOS. Both views under trl's own cut at max_length "
+                  f"{MAX_LENGTH} (`keep_start`, pairs whose prompt fills it dropped), which trl trains through and "
+                  "adapterkit did before (`data.truncation=end`); adapterkit's default now keeps every pair, "
+                  "the end of its prompt and the start of its replies (`data.truncation=input`):", "",
                   "| view | pairs | dropped (prompt fills max_length) | a reply cut | a reply < 8 tokens left | "
                   "median prompt tokens | mean reply tokens kept |", "|---|---|---|---|---|---|---|"]
         for key in ("trl_train", "adapterkit_train", "trl_heldout", "adapterkit_heldout"):
