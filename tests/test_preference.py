@@ -223,24 +223,26 @@ def pair(prompt: int, chosen: int, rejected: int, bos: bool = False) -> dict:
             "rejected_ids": [3000 + i for i in range(rejected)]}
 
 
-def test_input_truncation_keeps_the_end_of_the_prompt_and_the_start_of_the_replies():
+def test_input_truncation_cuts_a_prompt_only_when_the_replies_would_keep_too_little():
     fit = preference.fit_ids
     row = pair(10, 4, 6)
     assert fit(row, 16, "input", None) == (row, "fits")
-    # A long prompt loses its start; replies that leave it half the window stay whole.
-    out, how = fit(pair(30, 4, 6), 16, "input", None)
-    assert how == "prompt" and out["prompt_ids"] == [1000 + i for i in range(20, 30)]
-    assert out["chosen_ids"] == row["chosen_ids"] and out["rejected_ids"] == row["rejected_ids"]
+    # A prompt that leaves the replies a quarter of the window stays whole; the replies lose their end
+    # (trl's own cut).
+    out, how = fit(pair(10, 4, 40), 16, "input", None)
+    assert how == "reply" and out["prompt_ids"] == pair(10, 0, 0)["prompt_ids"]
+    assert out["chosen_ids"] == [2000 + i for i in range(4)] and out["rejected_ids"] == [3000 + i for i in range(6)]
+    # A longer prompt loses its start, so that the replies keep a quarter of the window (or all they need).
+    out, how = fit(pair(30, 2, 3), 16, "input", None)
+    assert how == "prompt" and out["prompt_ids"] == [1000 + i for i in range(17, 30)]
+    assert out["chosen_ids"] == [2000, 2001] and out["rejected_ids"] == [3000, 3001, 3002]
+    out, how = fit(pair(30, 2, 40), 16, "input", None)
+    assert how == "prompt+reply" and out["rejected_ids"] == [3000 + i for i in range(4)]
+    assert out["prompt_ids"] == [1000 + i for i in range(18, 30)]
     # A BOS the tokenizer put first stays first.
-    out, _ = fit(pair(30, 4, 6, bos=True), 16, "input", 1)
-    assert out["prompt_ids"] == [1] + [1000 + i for i in range(20, 29)]
-    # A long reply is cut from its end, only as far as needed for the prompt to keep half the window.
-    out, how = fit(pair(30, 4, 40), 16, "input", None)
-    assert how == "prompt+reply" and out["rejected_ids"] == [3000 + i for i in range(8)]
-    assert out["chosen_ids"] == [2000 + i for i in range(4)] and len(out["prompt_ids"]) == 8
-    out, how = fit(pair(3, 4, 40), 16, "input", None)  # a short prompt stays whole, the reply takes the rest
-    assert how == "reply" and out["prompt_ids"] == [1000, 1001, 1002] and len(out["rejected_ids"]) == 13
-    for n_prompt, n_reply in [(3, 40), (30, 4), (30, 40), (100, 100)]:
+    out, _ = fit(pair(30, 2, 3, bos=True), 16, "input", 1)
+    assert out["prompt_ids"] == [1] + [1000 + i for i in range(17, 29)]
+    for n_prompt, n_reply in [(3, 40), (30, 4), (30, 40), (100, 100), (15, 1)]:
         out, _ = fit(pair(n_prompt, n_reply, 2), 16, "input", None)
         assert len(out["prompt_ids"]) + max(len(out["chosen_ids"]), len(out["rejected_ids"])) <= 16
         assert out["chosen_ids"] and out["prompt_ids"]
@@ -256,7 +258,7 @@ def test_end_and_drop_truncation_follow_trl_and_refuse_what_does_not_fit():
     # A KTO row: one completion, and its mismatched KL completion follows the fitted prompt.
     row = {"prompt_ids": list(range(30)), "completion_ids": [7] * 4, "KL_completion_ids": [9] * 12}
     out, how = fit(row, 16, "input", None)
-    assert how == "prompt" and len(out["prompt_ids"]) == 12 and out["KL_completion_ids"] == [9] * 4
+    assert how == "prompt" and out["prompt_ids"] == list(range(18, 30)) and out["KL_completion_ids"] == [9] * 4
 
 
 def long_pairs(n: int) -> list[dict]:
@@ -273,29 +275,29 @@ class FirstBatch(TrainerCallback):
 
 def test_a_dpo_run_keeps_long_prompts_by_their_end_and_reports_it(tmp_path, tiny_model_dir, capsys):
     data = write_jsonl(tmp_path / "long.jsonl", long_pairs(16))
-    common = [f"model.name_or_path={tiny_model_dir}", f"data.train={data}", "data.eval=null", "data.max_length=48",
+    common = [f"model.name_or_path={tiny_model_dir}", f"data.train={data}", "data.eval=null", "data.max_length=64",
               "train.max_steps=1", "train.batch_size=2", *QUIET]
     first = FirstBatch()
     recipe, src = load_recipe("dpo-preference", [*common, f"output_dir={tmp_path / 'input'}"])
     result = stages.run(recipe, src, echo=True, callbacks=[first])
     printed = capsys.readouterr().out
-    assert "16 of 16 pairs longer than data.max_length=48 (data.truncation: input): prompt cut from the left 16" \
+    assert "16 of 16 pairs longer than data.max_length=64 (data.truncation: input): prompt cut from the left 16" \
         in printed
     report = json.loads((result.out / "data_report.json").read_text())[0]
     assert report["examples"] == 16 and report["truncated"] == 16 and not report["dropped"]
     assert report["notes"] == {"prompt cut from the left": 16}
-    # What the model trains on: the end of the prompt (its question) and the whole reply, within 48 tokens.
+    # What the model trains on: the end of the prompt (its question) and the whole reply, within 64 tokens.
     tok = result.tokenizer
     ids, mask = first.batch["input_ids"][0], first.batch["attention_mask"][0]
     text = tok.decode(ids[mask.bool()])
-    assert mask.sum() <= 48 and "which fruit is yellow? Assistant:" in text and "A banana, number" in text
+    assert mask.sum() <= 64 and "which fruit is yellow? Assistant:" in text and "A banana, number" in text
     assert not text.startswith("The shop opened")
 
     # trl's own cut drops every pair here (the prompt alone fills max_length): refused, naming the fix.
     with pytest.raises(SystemExit) as e:
         main(["recipe", "run", "dpo-preference", *common, "data.truncation=end", f"output_dir={tmp_path / 'end'}"])
     err = capsys.readouterr().err
-    assert e.value.code == 2 and "16 of 16 rows" in err and "its prompt alone fills data.max_length=48" in err
+    assert e.value.code == 2 and "16 of 16 rows" in err and "its prompt alone fills data.max_length=64" in err
     assert "data.truncation=input keeps every pair" in err and "raise data.max_length" in err
 
 

@@ -160,35 +160,42 @@ def prepare_data(recipe: Recipe, tokenizer: Any, start: Start) -> tuple[Formatte
 REPLY_KEYS = ("chosen_ids", "rejected_ids", "completion_ids")
 """The completions of a tokenized trl row: a DPO pair's two replies, or a KTO row's one."""
 
+REPLY_SHARE = 0.25
+"""`data.truncation: input` cuts a prompt only when it would leave the replies less than this share of
+max_length (or less than all they need)."""
+
 
 def fit_ids(row: dict[str, list[int]], limit: int, mode: str, bos_id: int | None) -> tuple[dict[str, list[int]], str]:
     """A tokenized row (trl's `prompt_ids` and completion ids) fitted into `limit` tokens, and what was
     done: "fits", "prompt", "reply", "prompt+reply" (`input`), "end" (`end`) or "drop".
 
-    `input`: each reply keeps its start and the prompt its end, the first token kept when it is BOS; a
-    reply is cut only as far as needed for the prompt to keep min(its length, limit // 2) tokens, so a
-    long prompt never leaves a reply with nothing to learn from, nor a long reply a prompt with no
-    question. `end`: trl's keep_start cut at the sequence's end, and a row whose prompt alone fills the
-    limit is dropped (no reply token would remain). `drop`: a row that does not fit is dropped. A KTO
-    row's `KL_completion_ids` (a completion of another row) follow the prompt they are paired with."""
+    `input`: the prompt stays whole and the replies keep their start, as in trl's cut, as long as that
+    leaves the replies REPLY_SHARE of the limit (or all they need); only a prompt too long for that is cut,
+    from the left (its end, with the question being answered, stays; so does a first BOS token), so that
+    no pair is dropped and none keeps a reply too short to learn from. `end`: trl's keep_start cut at the
+    sequence's end, and a row whose prompt alone fills the limit is dropped (no reply token would
+    remain). `drop`: a row that does not fit is dropped. A KTO row's `KL_completion_ids` (a completion of
+    another row) follow the prompt they are paired with.
+
+    Measured (benchmarks/results/preference_vs_trl.md): cutting every long prompt from the left, to keep
+    half the limit for the replies, trained worse than trl's cut on HH-RLHF, whose first human turn
+    usually holds the request the later turns argue about; hence the prompt is cut only when it must be."""
     prompt = row["prompt_ids"]
     keys = [k for k in REPLY_KEYS if k in row]
     longest = max(len(row[k]) for k in keys)
+    room = min(longest, int(limit * REPLY_SHARE))  # what the replies are guaranteed
     if len(prompt) + longest <= limit:
         out, how = dict(row), "fits"
     elif mode == "drop" or (mode == "end" and len(prompt) >= limit):
         return row, "drop"
-    elif mode == "end":
-        out, how = {**row, **{k: row[k][: limit - len(prompt)] for k in keys}}, "end"
+    elif mode == "end" or len(prompt) + room <= limit:
+        out, how = {**row, **{k: row[k][: limit - len(prompt)] for k in keys}}, "end" if mode == "end" else "reply"
     else:
-        room = limit - min(len(prompt), limit // 2)
         out = {**row, **{k: row[k][:room] for k in keys}}
         keep = limit - max(len(out[k]) for k in keys)
-        cut_reply = any(len(out[k]) < len(row[k]) for k in keys)
-        if len(prompt) > keep:
-            head = prompt[:1] if bos_id is not None and prompt[:1] == [bos_id] else []
-            out["prompt_ids"] = head + prompt[len(prompt) - (keep - len(head)):]
-        how = "prompt+reply" if cut_reply and len(prompt) > keep else "reply" if cut_reply else "prompt"
+        head = prompt[:1] if bos_id is not None and prompt[:1] == [bos_id] else []
+        out["prompt_ids"] = head + prompt[len(prompt) - (keep - len(head)):]
+        how = "prompt+reply" if any(len(out[k]) < len(row[k]) for k in keys) else "prompt"
     if "KL_completion_ids" in row:
         out["KL_completion_ids"] = row["KL_completion_ids"][: max(0, limit - len(out["prompt_ids"]))]
     return out, how
