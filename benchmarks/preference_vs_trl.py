@@ -149,7 +149,7 @@ BEFORE = ["data.truncation=end", "data.max_dropped=0.3", "train.schedule=cosine"
 VARIANTS: dict[str, list[str]] = {
     "adapterkit": [],  # the shipped dpo-preference recipe as it is now
     "before": BEFORE,
-    "keep prompt end": [*BEFORE, "data.truncation=input"],
+    "fit long pairs (input)": [*BEFORE, "data.truncation=input"],
     "no cue": [*BEFORE, "data.template='{prompt}'"],
     "linear, no warmup": [*BEFORE, "train.schedule=linear", "train.warmup_ratio=0"],
     "new adapter on merged SFT": [*BEFORE, "model.from_run=null", "model.name_or_path={merged}"],
@@ -398,22 +398,30 @@ def markdown(result: dict[str, Any]) -> str:
                      f"| {mean_std([r.get('own_reward_accuracy') for r in runs])}% "
                      f"| {mean_std([r['train_loss'] for r in runs], '.3f')} | {mean_std([r['train_s'] for r in runs])} "
                      f"| {mean_std([r['process_s'] for r in runs])} |")
-    causes = [v for v in VARIANTS if v != "adapterkit" and any(r["tool"] == v for r in result["runs"])]
+    causes = [v for v in dict.fromkeys(r["tool"] for r in result["runs"]) if v not in ("trl", "adapterkit")]
     if causes:
         def runs_of(tool: str) -> list[dict[str, Any]]:
             return [r for r in result["runs"] if r["tool"] == tool]
 
-        base = [r["implicit_reward_accuracy"] for r in runs_of("before")]
+        base = {r["seed"]: r["implicit_reward_accuracy"] for r in runs_of("before")}
         lines += ["", "## Causes: the recipe as it was, and one change at a time", "",
-                  "Same seeds, steps and scorer as above. `before` is adapterkit as it was when issue 19 was "
-                  "filed; each other row is `before` with one change.", "",
+                  "Same steps and scorer as above. `before` is adapterkit as it was when issue 19 was filed; each "
+                  "other row is `before` with one change, compared seed by seed with `before`."
+                  + (f" Command: `{result['causes_command']}`." if result.get("causes_command") else ""),
+                  *[line for note in result.get("cause_notes", []) for line in ("", note)], "",
                   "| adapterkit run | overrides | seeds | implicit-reward acc. (independent) | change vs before | "
                   "margin (nats) | own reward acc. | training pairs kept / fitted |", "|---|---|---|---|---|---|---|---|"]
+        def r_overrides(run: dict[str, Any], tool: str) -> list[str]:
+            given = run.get("overrides") or VARIANTS.get(tool, [])
+            return given if tool == "before" else [o for o in given if o not in BEFORE]
+
         for tool in ["adapterkit", *causes] if runs_of("adapterkit") else causes:
             rs = runs_of(tool)
             accs = [r["implicit_reward_accuracy"] for r in rs]
-            delta = (f"{statistics.mean(accs) - statistics.mean(base):+.1f}" if base and tool != "before" else "")
-            extra = [o for o in VARIANTS[tool] if o not in BEFORE] if tool != "before" else BEFORE
+            paired = [r["implicit_reward_accuracy"] - base[r["seed"]] for r in rs if r["seed"] in base]
+            delta = f"{statistics.mean(paired):+.1f} (seeds {', '.join(str(r['seed']) for r in rs if r['seed'] in base)})" \
+                if paired and tool != "before" else ""
+            extra = r_overrides(rs[0], tool)
             rep = rs[0].get("data_report") or {}
             kept = f"{rep.get('examples', 'n/a')} / {rep.get('truncated', 'n/a')}" if rep else "n/a"
             lines.append(f"| {tool} | `{' '.join(extra) or '(shipped recipe)'}` | {len(rs)} | {mean_std(accs)}% | {delta} "
@@ -462,6 +470,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--causes", action="store_true",
                         help="also run the cause table: the recipe as it was, and with one change at a time")
     parser.add_argument("--json", type=Path, help="where to write the raw numbers (the .md goes beside it)")
+    parser.add_argument("--render", type=Path, metavar="JSON",
+                        help="rewrite the .md beside an earlier run's JSON (with --causes-from: add its cause table)")
+    parser.add_argument("--causes-from", type=Path, metavar="JSON",
+                        help="with --render: the JSON of a --causes run whose adapterkit variants form the cause table")
     parser.add_argument("--one", nargs=7, metavar=("TOOL", "SEED", "STEPS", "START", "TRAIN", "HELDOUT", "OUT"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -475,6 +487,16 @@ def main(argv: list[str] | None = None) -> None:
         else:
             record = run_adapterkit(int(seed), int(steps), Path(start), Path(train), Path(heldout), Path(out), tool)
         print("RESULT " + json.dumps(record))
+        return
+    if args.render:
+        result = json.loads(args.render.read_text())
+        if args.causes_from:
+            earlier = json.loads(args.causes_from.read_text())
+            result["runs"] += [r for r in earlier["runs"] if r["tool"] not in ("trl", "adapterkit")]
+            result["cause_notes"] = earlier.get("cause_notes", [])
+            result["causes_command"] = earlier["header"]["command"]
+        args.render.with_suffix(".md").write_text(markdown(result))
+        print(f"wrote {args.render.with_suffix('.md')}")
         return
     if not (DATA / "train.jsonl").is_file() or not (DATA / "dev.jsonl").is_file():
         sys.exit(f"skipped: needs ../shared/data/preference/train.jsonl and dev.jsonl beside the checkout "

@@ -83,7 +83,8 @@ def _check(recipe: Recipe, src: RecipeSource) -> list[Problem]:
 
     # Method-specific sections only make sense for their method.
     method = METHODS[a.method]
-    owners = {section: [n for n, m in METHODS.items() if section in m.sections] for section in ("lora", "quant", "prompt")}
+    owners = {section: [n for n, m in METHODS.items() if section in m.sections]
+              for section in ("lora", "quant", "prompt")}
     method_overridden = src.where.get("adapter.method", "").startswith("override")
     for section, methods in owners.items():
         # Switching adapter.method on the command line leaves the file's other-method sections unused;
@@ -96,7 +97,8 @@ def _check(recipe: Recipe, src: RecipeSource) -> list[Problem]:
                 f"remove adapter.{section}, or set adapter.method to one of: {', '.join(methods)}")
     # (Under another family's method the whole prompt section is unused, and reported above if it is a mistake.)
     for option in ("init_text", "encoder_hidden_size"):
-        if getattr(a.prompt, option) is not None and "prompt" in method.sections and option not in method.prompt_options:
+        used = "prompt" in method.sections and option in method.prompt_options
+        if getattr(a.prompt, option) is not None and "prompt" in method.sections and not used:
             users = " or ".join(n for n, m in METHODS.items() if option in m.prompt_options)
             bad(f"adapter.prompt.{option}", f"only {users} uses it, not '{a.method}'", "remove it")
 

@@ -69,7 +69,8 @@ def starting_point(recipe: Recipe) -> Start:
                                       fix="pass the run's output_dir, or use model.name_or_path for a plain model"))
     manifest = rundir.read_manifest(run_dir)
     run_recipe, _ = load_recipe(str(run_dir / "recipe.yaml"))
-    fmt = FormatSpec(**json.loads((model_dir / "format.json").read_text())) if (model_dir / "format.json").is_file() else None
+    saved_format = model_dir / "format.json"
+    fmt = FormatSpec(**json.loads(saved_format.read_text())) if saved_format.is_file() else None
     method = METHODS[manifest["method"]]
     if method.continues is not None:
         # The adapter continues: its method (lora or qlora) and settings are the run's.
@@ -379,7 +380,8 @@ def fit_reports(recipe: Recipe, trainer: Any, reports: list[DataReport], out: Pa
     if trainer.eval_dataset is not None and len(trainer.eval_dataset) == 0:
         raise DataError(Problem(describe_source(d.eval), f"no eval pair fits data.max_length={d.max_length} "
                                 f"(data.truncation: {d.truncation})", "data.truncation",
-                                fix="use data.truncation=input (keeps the end of the prompt), or raise data.max_length"))
+                                fix="use data.truncation=input (cuts a prompt too long to fit), or raise "
+                                    "data.max_length"))
 
 
 @dataclass

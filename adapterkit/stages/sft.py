@@ -25,7 +25,13 @@ from adapterkit.data.formatter import DataReport, Formatter, encode_rows, label_
 from adapterkit.data.loading import RawRow, read_rows
 from adapterkit.errors import AdapterkitError, ConfigError, DataError, Problem
 from adapterkit.stages.skeleton import Context, Data, Prepared, describe_source, refuse_unusable
-from adapterkit.stages.trainer import Auto, build_trainer, guarded_trainer_class, packing_isolates_examples, trainer_args
+from adapterkit.stages.trainer import (
+    Auto,
+    build_trainer,
+    guarded_trainer_class,
+    packing_isolates_examples,
+    trainer_args,
+)
 from adapterkit.trained import locate
 
 
