@@ -278,7 +278,7 @@ def test_a_dpo_run_keeps_long_prompts_by_their_end_and_reports_it(tmp_path, tiny
     common = [f"model.name_or_path={tiny_model_dir}", f"data.train={data}", "data.eval=null", "data.max_length=64",
               "train.max_steps=1", "train.batch_size=2", *QUIET]
     first = FirstBatch()
-    recipe, src = load_recipe("dpo-preference", [*common, f"output_dir={tmp_path / 'input'}"])
+    recipe, src = load_recipe("dpo-preference", [*common, "data.truncation=input", f"output_dir={tmp_path / 'input'}"])
     result = stages.run(recipe, src, echo=True, callbacks=[first])
     printed = capsys.readouterr().out
     assert "16 of 16 pairs longer than data.max_length=64 (data.truncation: input): prompt cut from the left 16" \
