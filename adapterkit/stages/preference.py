@@ -121,7 +121,7 @@ def _conversational(rows: list[RawRow], formatter: Formatter) -> bool:
     return False
 
 
-KEEPS_EVERY_PAIR = "keeps every pair: the end of the prompt and the start of the replies"
+KEEPS_EVERY_PAIR = "keeps every pair, cutting only a prompt too long to leave the replies room, from the left"
 """What `data.truncation: input` does to preference pairs, for the refusal that suggests it."""
 
 
@@ -207,7 +207,7 @@ def fit_ids(row: dict[str, list[int]], limit: int, mode: str, bos_id: int | None
 FIT_NOTES = {"prompt": "prompt cut from the left",
              "reply": "a reply cut from the right",
              "prompt+reply": "prompt cut from the left and a reply from the right",
-             "end": "cut at the end (data.truncation: end)"}
+             "end": "cut at the end"}
 """What `fit_ids` did, as the data report says it."""
 
 
