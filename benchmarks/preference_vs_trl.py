@@ -16,8 +16,9 @@ Writes benchmarks/results/preference_vs_trl.md and .json (`--quick`: preference_
   `peft_config` trains on it, so the reference is the merged model (adapter disabled). `DPOConfig` with
   lr 1e-3, beta 0.1, batch 8, max_steps, max_length 256, `use_cpu=True`, `bf16=False`, otherwise trl's
   defaults; the dataset's own text, no template.
-- adapterkit: the shipped `dpo-preference` recipe with `model.from_run=<the SFT run>` (its adapter continues
-  and, frozen, is the reference), the same pairs, lr, beta, batch, steps, max_length, seed, fp32.
+- adapterkit: the shipped `dpo-preference` recipe with `model.from_run=<the SFT run>` (its adapter is merged
+  into the base and a new one trains on top, `preference.start_adapter: auto`), the same pairs, lr, beta,
+  batch, steps, max_length, seed, fp32.
 - One independent scorer for both (neither tool's own metric): for each held-out pair, the summed
   log-probability of the chosen and of the rejected reply (plus the EOS both tools append) given the RAW
   prompt text (joined with a space, no template, no cue), under the tuned policy and under the model that
@@ -29,15 +30,16 @@ Writes benchmarks/results/preference_vs_trl.md and .json (`--quick`: preference_
   (`trainer.evaluate` on the held-out pairs after training) and adapterkit's `reward_accuracy` (its run
   with `data.eval=<held-out>`), each computed in that tool's own formatting and truncation.
 
-`--causes` adds the cause table: adapterkit as it was when issue 19 was filed (`before`: trl's own cut
-at max_length, which drops pairs whose prompt fills it, and a cosine schedule with 3% warmup), and
-`before` with one change at a time (the VARIANTS table below). trl runs without gradient checkpointing
-(`gradient_checkpointing=False`; the math is the same, dropout being off in both tools; 150 steps took
-934 s with trl's default checkpointing and 210-240 s without it here, both on cores shared with other
-work), so the default invocation (2 tools x 3 seeds x 150 steps) fits in 20 minutes on 2 cores.
+`--causes` adds the cause table: adapterkit as it was when issue 19 was filed (`before`: the SFT adapter
+continued, the SFT template's cue after every prompt, trl's own cut at max_length, a cosine schedule
+with 3% warmup), and `before` with one change at a time (the VARIANTS table below). trl runs without
+gradient checkpointing (`gradient_checkpointing=False`; the math is the same, dropout being off in both
+tools; 150 steps took 934 s with trl's default checkpointing and 210-240 s without it here).
 
-Every training run is its own process, one after another. Wall time: the trainer's train loop (first to
-last step), and the whole process (imports, data, train, the tool's own held-out scoring).
+Every training run is its own process; `--jobs` of them run at a time (default 2 on 2 or more cores, each
+with cores/jobs torch threads: trl and adapterkit of one seed side by side, under the same load). Wall
+time: the trainer's train loop (first to last step), and the whole process (imports, data, train, the
+tool's own held-out scoring).
 """
 
 from __future__ import annotations
@@ -50,7 +52,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -143,8 +147,10 @@ def run_trl(seed: int, steps: int, merged: Path, train: Path, heldout: Path, out
     return record
 
 
-BEFORE = ["data.truncation=end", "data.max_dropped=0.3", "train.schedule=cosine", "train.warmup_ratio=0.03"]
-"""adapterkit as it was when issue 19 was filed (besides the shipped recipe's own keys)."""
+BEFORE = ["data.truncation=end", "data.max_dropped=0.3", "train.schedule=cosine", "train.warmup_ratio=0.03",
+          "preference.start_adapter=continue", 'data.template="{prompt}\\nResponse:"']
+"""adapterkit as it was when issue 19 was filed (besides the shipped recipe's own keys): the SFT adapter
+continued, and the SFT template's cue was added after every prompt (HH-RLHF's end in 'Assistant:')."""
 
 VARIANTS: dict[str, list[str]] = {
     "adapterkit": [],  # the shipped dpo-preference recipe as it is now
@@ -152,10 +158,11 @@ VARIANTS: dict[str, list[str]] = {
     "fit long pairs (input)": [*BEFORE, "data.truncation=input"],
     "no cue": [*BEFORE, "data.template='{prompt}'"],
     "linear, no warmup": [*BEFORE, "train.schedule=linear", "train.warmup_ratio=0"],
-    "new adapter on merged SFT": [*BEFORE, "model.from_run=null", "model.name_or_path={merged}"],
+    "new adapter on merged SFT": [*BEFORE, "preference.start_adapter=merge"],
+    "new adapter, no cue": [*BEFORE, "preference.start_adapter=merge", "data.template='{prompt}'"],
 }
 """adapterkit runs: the shipped recipe, the recipe as it was, and the recipe as it was with ONE change
-(each row of the cause table). `{merged}` is the merged SFT model, the start trl gets."""
+(each row of the cause table; the last row is two). A later override of a key wins over BEFORE's."""
 
 
 def run_adapterkit(seed: int, steps: int, sft: Path, train: Path, heldout: Path, out: Path,
@@ -166,7 +173,7 @@ def run_adapterkit(seed: int, steps: int, sft: Path, train: Path, heldout: Path,
     from adapterkit.stages import run
 
     record: dict[str, Any] = {}
-    extra = [o.replace("{merged}", str(sft.parent / "sft-merged")) for o in VARIANTS[variant]]
+    extra = VARIANTS[variant]
     recipe, src = load_recipe("dpo-preference", [
         f"model.from_run={sft}", f"data.train={train}", f"data.eval={heldout}", f"train.max_steps={steps}",
         f"train.lr={LR}", f"preference.beta={BETA}", f"train.batch_size={BATCH}", f"data.max_length={MAX_LENGTH}",
@@ -370,8 +377,9 @@ def markdown(result: dict[str, Any]) -> str:
              f"- Command: `{h['command']}`", f"- Date: {h['date']}", f"- Machine: {h['machine']}",
              f"- Versions: {h['versions']}",
              f"- Start: `lora-sentiment`, {SFT_STEPS} steps on builtin:tiny ({h['sft_s']:.0f} s); trl starts from it "
-             "merged (`merge_and_unload`) with a new LoRA adapter, adapterkit continues its adapter "
-             "(`model.from_run`).",
+             "merged (`merge_and_unload`) with a new LoRA adapter; adapterkit runs `dpo-preference` with "
+             "`model.from_run` (`preference.start_adapter: auto` merges the SFT adapter and trains a new one on "
+             "top; before issue 19's fix it continued the SFT adapter).",
              f"- Data: {h['data']['train_pairs']} training pairs (first of train.jsonl), {h['data']['heldout_pairs']} "
              f"held-out pairs from dev.jsonl ({h['data']['dev_rows_skipped_as_in_train']} dev rows skipped: prompt in "
              "the training pairs).",
@@ -434,11 +442,11 @@ def markdown(result: dict[str, Any]) -> str:
     v = result.get("views")
     if v:
         lines += ["", "## How each tool sees the data", "",
-                  f"adapterkit formats the prompt in the SFT run's template mode (`{v['adapterkit_template_mode']}`); trl "
+                  f"adapterkit formats the prompt in the SFT run's template mode (`{v['adapterkit_template_mode']}`; a "
+                  "prompt whose last line already is a reply cue such as `Assistant:` gets no second one); trl "
                   "takes the text as it is and appends EOS. Both views under trl's own cut at max_length "
-                  f"{MAX_LENGTH} (`keep_start`, pairs whose prompt fills it dropped), which trl trains through and "
-                  "adapterkit did before (`data.truncation=end`); adapterkit's default now keeps every pair, "
-                  "the end of its prompt and the start of its replies (`data.truncation=input`):", "",
+                  f"{MAX_LENGTH} (`keep_start`, pairs whose prompt fills it dropped), which both tools train "
+                  "through here (`data.truncation=end` in the shipped recipe):", "",
                   "| view | pairs | dropped (prompt fills max_length) | a reply cut | a reply < 8 tokens left | "
                   "median prompt tokens | mean reply tokens kept |", "|---|---|---|---|---|---|---|"]
         for key in ("trl_train", "adapterkit_train", "trl_heldout", "adapterkit_heldout"):
@@ -469,6 +477,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="run only these: trl, or adapterkit variants (" + ", ".join(map(repr, VARIANTS)) + ")")
     parser.add_argument("--causes", action="store_true",
                         help="also run the cause table: the recipe as it was, and with one change at a time")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="training runs at a time, each with cores/jobs torch threads (default: 2 on 2+ cores)")
     parser.add_argument("--json", type=Path, help="where to write the raw numbers (the .md goes beside it)")
     parser.add_argument("--render", type=Path, metavar="JSON",
                         help="rewrite the .md beside an earlier run's JSON (with --causes-from: add its cause table)")
@@ -509,6 +519,10 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     from importlib import metadata
 
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    jobs = args.jobs or (2 if cores >= 2 else 1)
+    threads = max(1, cores // jobs)
+
     from adapterkit.trained import load_trained
 
     t_all = time.perf_counter()
@@ -517,7 +531,8 @@ def main(argv: list[str] | None = None) -> None:
     nproc = subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip() or str(os.cpu_count())
     header = {"command": "python benchmarks/preference_vs_trl.py" + "".join(f" {a}" for a in (argv or sys.argv[1:])),
               "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-              "machine": f"{cpu_model}, nproc {nproc}, torch threads {torch.get_num_threads()}",
+              "machine": f"{cpu_model}, nproc {nproc}; {jobs} training run(s) at a time, {threads} torch "
+                         f"thread(s) each",
               "versions": ", ".join(f"{p} {metadata.version(p)}" for p in ("torch", "transformers", "peft", "trl",
                                                                           "datasets"))}
     runs: list[dict[str, Any]] = []
@@ -559,20 +574,25 @@ def main(argv: list[str] | None = None) -> None:
             out_json.with_suffix(".md").write_text(markdown(result))
             return result
 
-        for seed in seeds:
-            for tool in tools:
-                out = work / f"{tool.replace(' ', '-').replace(',', '')}-{seed}"
-                start = merged if tool == "trl" else sft
-                reference = ref["trl" if tool in ("trl", "new adapter on merged SFT") else "adapterkit"]
+        lock = threading.Lock()
+
+        def one(seed: int, tool: str) -> None:
+            out = work / f"{tool.replace(' ', '-').replace(',', '')}-{seed}"
+            start = merged if tool == "trl" else sft
+            reference = ref["trl" if tool == "trl" else "adapterkit"]
+            with lock:
                 print(f"{tool} seed {seed}, {steps} steps ...", flush=True)
-                t = time.perf_counter()
-                proc = subprocess.run([sys.executable, __file__, "--one", tool, str(seed), str(steps), str(start),
-                                       str(train), str(heldout), str(out)], capture_output=True, text=True, cwd=ROOT)
-                process_s = time.perf_counter() - t
-                if proc.returncode:
-                    sys.exit(f"{tool} seed {seed} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}")
-                record = json.loads(next(line for line in reversed(proc.stdout.splitlines())
-                                         if line.startswith("RESULT "))[7:])
+            env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+            t = time.perf_counter()
+            proc = subprocess.run([sys.executable, __file__, "--one", tool, str(seed), str(steps), str(start),
+                                   str(train), str(heldout), str(out)], capture_output=True, text=True, cwd=ROOT,
+                                  env=env)
+            process_s = time.perf_counter() - t
+            if proc.returncode:
+                raise RuntimeError(f"{tool} seed {seed} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}")
+            record = json.loads(next(line for line in reversed(proc.stdout.splitlines())
+                                     if line.startswith("RESULT "))[7:])
+            with lock:  # one scoring at a time, in this process
                 policy = (load_trl_policy(merged, out / "adapter") if tool == "trl" else load_trained(out).model)
                 scores = summed_logprobs(policy, seqs, pad_id)
                 del policy
@@ -580,12 +600,21 @@ def main(argv: list[str] | None = None) -> None:
                      **accuracies(scores, reference)}
                 r.pop("reference_preference_accuracy")
                 runs.append(r)
+                runs.sort(key=lambda x: (tools.index(x["tool"]) if x["tool"] in tools else 99, x["seed"]))
                 own = r.get("own_reward_accuracy")
-                print(f"  independent implicit-reward acc {r['implicit_reward_accuracy']:.1f}% "
+                print(f"  {tool} seed {seed}: independent implicit-reward acc {r['implicit_reward_accuracy']:.1f}% "
                       f"(own: {'n/a' if own is None else f'{own:.1f}%'}), loss {r['train_loss']:.3f}, "
                       f"train {r['train_s']:.0f} s, process {process_s:.0f} s", flush=True)
-
                 save(complete=False)  # after every run, so an interrupted benchmark keeps what it measured
+
+        torch.set_num_threads(threads)
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            futures = [pool.submit(one, seed, tool) for seed in seeds for tool in tools]
+            for f in futures:
+                try:
+                    f.result()
+                except RuntimeError as e:
+                    sys.exit(str(e))
 
     result = save(complete=True)
     print(markdown(result))

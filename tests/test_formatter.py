@@ -337,3 +337,19 @@ def test_a_folded_system_prompt_is_counted_once_per_row():
     examples, report = encode_rows(rows, f, "train", "x")
     assert len(examples) == 3 and report.inputs_shortened == 3 and dict(report.notes) == {FOLDED_SYSTEM: 3}
     assert "Be brief.\n\n" in tok.decode(examples[0]["input_ids"])
+
+
+@pytest.mark.parametrize("prompt, own", [
+    ("Human: how do I bake bread?\n\nAssistant:", True),  # HH-RLHF
+    ("Give a synonym for happy.\n### Response:", True),
+    ("Q: what is 2 + 2?\nA:", True),
+    ("Which fruit is yellow? Assistant:", False),  # a cue inside the last line is text, not a cue
+    ("Here are my options:", False),  # a colon that is no reply cue
+    ("Give a synonym for happy.", False),
+])
+def test_a_prompt_that_ends_in_its_own_reply_cue_gets_no_second_one(plain, prompt, own):
+    f = make(plain, "preference")
+    fields, reason = f.fields(RawRow({"prompt": prompt, "chosen": "yes", "rejected": "no"}, "x:1"))
+    record = f.record(fields)
+    assert record["prompt"] == (prompt if own else prompt + "\nResponse:")
+    assert record["chosen"] == " yes" and f.keeps_own_cue(fields) == own

@@ -23,10 +23,11 @@ QUIET = ["train.save_every=null", "train.log_every=1", "train.precision=fp32", "
          "eval.max_new_tokens=4"]
 
 
-def sft_run(tmp_path, tiny_model_dir, method: str):
+def sft_run(tmp_path, tiny_model_dir, method: str, *extra: str):
+    """lora-generation (DoRA and rsLoRA), 12 steps."""
     recipe, src = load_recipe("lora-generation", [
         f"model.name_or_path={tiny_model_dir}", f"adapter.method={method}", "adapter.lora.dropout=0",
-        "train.max_steps=12", "train.lr=2e-2", *QUIET, f"output_dir={tmp_path / ('sft-' + method)}"])
+        "train.max_steps=12", "train.lr=2e-2", *QUIET, *extra, f"output_dir={tmp_path / ('sft-' + method)}"])
     return stages.run(recipe, src, echo=False).out
 
 
@@ -41,7 +42,8 @@ class ReferenceProbe(TrainerCallback):
 
         with torch.no_grad():
             self.policy = model(**self.batch).logits.float()
-            with use_adapter(model, adapter_name="ref"):
+            self.adapters = set(model.peft_config)
+            with use_adapter(model, adapter_name="ref" if "ref" in model.peft_config else None):  # as trl does
                 self.reference = model(**self.batch).logits.float()
             with model.disable_adapter():
                 self.base = model(**self.batch).logits.float()
@@ -56,7 +58,9 @@ def losses(out):
 
 
 @pytest.mark.parametrize("method", ["lora", "qlora"])
-def test_dpo_after_sft_trains_the_sft_adapter_against_the_sft_policy(tmp_path, tiny_model_dir, method):
+def test_dpo_after_sft_trains_the_sft_adapter_against_the_sft_policy(tmp_path, tiny_model_dir, method, capsys):
+    """preference.start_adapter=auto continues a QLoRA or DoRA run's adapter (merging would not be exact),
+    and says so."""
     sft = sft_run(tmp_path, tiny_model_dir, method)
     sft_model = load_trained(sft)
     batch = sft_model.tokenizer(["Name a fruit that is yellow.\nResponse: A banana."], return_tensors="pt")
@@ -67,7 +71,10 @@ def test_dpo_after_sft_trains_the_sft_adapter_against_the_sft_policy(tmp_path, t
     recipe, src = load_recipe("dpo-preference", [f"model.from_run={sft}", "train.max_steps=8", "train.lr=5e-3",
                                                  "data.eval=sample:preference/train", *QUIET,
                                                  f"output_dir={tmp_path / 'dpo'}"])
-    result = stages.run(recipe, src, echo=False, callbacks=[probe, snap])
+    result = stages.run(recipe, src, callbacks=[probe, snap])
+    why = "the run's base is 4-bit (qlora)" if method == "qlora" else "it is a DoRA adapter"
+    said = capsys.readouterr().out
+    assert "preference.start_adapter (auto): the run's adapter continues, since" in said and why in said
 
     # The reference is the SFT policy exactly, not the raw base; and it is the starting policy.
     assert torch.allclose(probe.reference, sft_logits, atol=1e-5), (probe.reference - sft_logits).abs().max()
@@ -93,18 +100,105 @@ def test_dpo_after_sft_trains_the_sft_adapter_against_the_sft_policy(tmp_path, t
     assert set(metrics["base"]) == {"preference_accuracy", "logp_margin"}
 
 
+def test_dpo_after_a_lora_run_trains_a_new_adapter_on_it_merged_and_saves_one_adapter(tmp_path, tiny_model_dir):
+    """preference.start_adapter=auto after a plain LoRA run: its adapter is merged into the base, a new
+    adapter trains on top (the reference is the merged start, the new adapter switched off), and the
+    saved adapter is both stacked, on the original base, equal to what trained."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    sft = sft_run(tmp_path, tiny_model_dir, "lora", "adapter.lora.dora=false")  # rsLoRA, not DoRA
+    sft_model = load_trained(sft)
+    batch = sft_model.tokenizer(["Name a fruit that is yellow.\nResponse: A banana."], return_tensors="pt")
+    with torch.no_grad():
+        sft_logits = sft_model.model(**batch).logits.float()
+    snap = Snapshot()
+
+    class Start(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            from trl.trainer.utils import use_adapter
+
+            self.adapters = set(model.peft_config)
+            with torch.no_grad():
+                self.policy = model(**batch).logits.float()
+                with use_adapter(model, adapter_name=None):  # trl's reference pass: adapters switched off
+                    self.reference = model(**batch).logits.float()
+
+    start = Start()
+    recipe, src = load_recipe("dpo-preference", [f"model.from_run={sft}", "train.max_steps=6", "train.lr=5e-3",
+                                                 "adapter.lora.r=4", "adapter.lora.alpha=8", *QUIET,
+                                                 f"output_dir={tmp_path / 'dpo'}"])
+    result = stages.run(recipe, src, echo=False, callbacks=[start, snap])
+
+    # The base under the new adapter is the SFT policy merged, and it is the reference: no copy of an
+    # adapter ("ref") is kept for it.
+    assert start.adapters == {"default"}
+    assert torch.allclose(start.reference, sft_logits, atol=1e-4), (start.reference - sft_logits).abs().max()
+    assert torch.allclose(start.policy, start.reference, atol=1e-6)  # the new adapter starts as a no-op
+    assert losses(result.out)[0] == pytest.approx(math.log(2), abs=2e-3)
+    changed = {n for n in snap.before if not torch.equal(snap.before[n], snap.after[n])}
+    assert changed and all("lora_" in n and ".default" in n for n in changed), sorted(changed)[:4]
+    with torch.no_grad():
+        trained = result.model(**batch).logits.float()
+    assert not torch.allclose(trained, sft_logits, atol=1e-3)
+
+    # One adapter on the original base: rank 16 (the SFT run's) + 4, and it is the model that trained.
+    saved = json.loads((result.out / "model" / "adapter_config.json").read_text())
+    sft_rank = json.loads((sft / "model" / "adapter_config.json").read_text())["r"]
+    assert saved["r"] == sft_rank + 4
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(result.out / "model"))
+    with torch.no_grad():
+        reloaded = plain(**batch).logits.float()
+    assert torch.allclose(reloaded, trained, atol=1e-4), (reloaded - trained).abs().max()
+    assert "start_adapter: merge" in (result.out / "recipe.yaml").read_text()
+    assert (result.out / "recipe.yaml").read_text().count("r: 4") == 1  # the new adapter's settings are saved
+
+
+def test_stacking_two_lora_adapters_is_exact(tmp_path, tiny_model_dir):
+    """lora.stack on adapters of different ranks, scalings (rsLoRA) and target modules: the base with the
+    stacked adapter equals the base with the first merged and the second on top."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from adapterkit.adapters import lora
+
+    def random_adapter(name, **kw):
+        torch.manual_seed(len(name))
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                               LoraConfig(task_type="CAUSAL_LM", init_lora_weights=False, **kw))
+        model.save_pretrained(tmp_path / name)
+        return tmp_path / name
+
+    first = random_adapter("first", r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"])
+    second = random_adapter("second", r=3, lora_alpha=5, use_rslora=True, target_modules=["q_proj", "o_proj"])
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(first)).merge_and_unload()
+    with torch.no_grad():
+        expected = PeftModel.from_pretrained(merged, str(second))(input_ids=ids).logits
+    assert lora.stack_problem(first) is None and lora.stack_problem(second) is None
+    lora.stack(first, second)
+    stacked = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(second))
+    with torch.no_grad():
+        got = stacked(input_ids=ids).logits
+    assert json.loads((second / "adapter_config.json").read_text())["r"] == 11
+    assert torch.allclose(got, expected, atol=1e-4), (got - expected).abs().max()
+    dora = random_adapter("dora", r=4, use_dora=True, target_modules=["q_proj"])
+    assert "DoRA" in lora.stack_problem(dora)
+
+
 def test_dpo_on_a_plain_model_uses_the_model_without_adapter_as_reference(tmp_path, tiny_model_dir):
     probe = ReferenceProbe({"input_ids": torch.tensor([[5, 6, 7, 8]])})
     recipe, src = load_recipe("dpo-preference", [f"model.name_or_path={tiny_model_dir}", "train.max_steps=4",
                                                  "preference.loss=ipo", *QUIET, f"output_dir={tmp_path / 'dpo'}"])
     result = stages.run(recipe, src, echo=False, callbacks=[probe])
+    assert probe.adapters == {"default"}  # no copy of the fresh adapter is kept as the reference
     assert torch.allclose(probe.reference, probe.base, atol=1e-6)
     assert torch.allclose(probe.policy, probe.base, atol=1e-6)  # a fresh LoRA adapter starts as a no-op
     assert json.loads((result.out / "manifest.json").read_text())["lineage"] == {}  # started from no run
 
 
 def test_kto_trains_on_unpaired_feedback(tmp_path, tiny_model_dir):
-    sft = sft_run(tmp_path, tiny_model_dir, "lora")
+    sft = sft_run(tmp_path, tiny_model_dir, "lora", "adapter.lora.dora=false")  # merged, a new adapter on top
     snap = Snapshot()
     recipe, src = load_recipe("kto-feedback", [f"model.from_run={sft}", "train.max_steps=6", "train.lr=5e-3",
                                                *QUIET, f"output_dir={tmp_path / 'kto'}"])
@@ -115,6 +209,7 @@ def test_kto_trains_on_unpaired_feedback(tmp_path, tiny_model_dir):
     assert metrics["tuned"]["logp_gap"] != metrics["base"]["logp_gap"]  # the policy moved from its reference
     report = json.loads((result.out / "data_report.json").read_text())[0]
     assert report["labels"] == {"desirable": 24, "undesirable": 24}
+    assert "start_adapter: merge" in (result.out / "recipe.yaml").read_text()
 
 
 def test_pipeline_runs_its_stages_in_order_and_records_the_lineage(tmp_path, capsys):
@@ -197,6 +292,12 @@ def test_from_run_must_be_a_run_that_can_continue(tmp_path, tiny_model_dir, caps
     with pytest.raises(SystemExit) as e:
         main(["recipe", "run", "dpo-preference", f"model.from_run={tmp_path / 'nope'}", f"output_dir={tmp_path / 'y'}"])
     assert e.value.code == 2 and "does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # merging asked for, but a DoRA adapter cannot stack on it
+        main(["recipe", "run", "dpo-preference", f"model.from_run={sft}", "preference.start_adapter=merge",
+              "adapter.lora.dora=true", f"output_dir={tmp_path / 'z'}"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "preference.start_adapter" in err and "DoRA" in err and "continue" in err
+    assert not (tmp_path / "z").exists()
 
 
 def test_a_preference_run_is_evaluated_on_a_task_in_its_own_template(tmp_path, tiny_model_dir, capsys):
@@ -299,6 +400,15 @@ def test_a_dpo_run_keeps_long_prompts_by_their_end_and_reports_it(tmp_path, tiny
     err = capsys.readouterr().err
     assert e.value.code == 2 and "16 of 16 rows" in err and "its prompt alone fills data.max_length=64" in err
     assert "data.truncation=input keeps every pair" in err and "raise data.max_length" in err
+    assert not (tmp_path / "end" / "manifest.json").exists()  # refused before the run dir was written
+    # Refused the same way over a finished run with --restart: that run stays as it was.
+    saved = {p.name: p.read_bytes() for p in result.out.iterdir() if p.is_file()}
+    with pytest.raises(SystemExit) as e:
+        main(["recipe", "run", "dpo-preference", *common, "data.truncation=end", f"output_dir={result.out}",
+              "--restart"])
+    assert e.value.code == 2 and "its prompt alone fills" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in result.out.iterdir() if p.is_file()} == saved
+    assert (result.out / "model" / "adapter_model.safetensors").is_file()
 
 
 def test_a_preference_template_replaces_the_cue(tmp_path, tiny_model_dir, capsys):

@@ -218,6 +218,12 @@ class PreferenceConfig:
     """kto: weight of the desirable (label true) examples' loss."""
     undesirable_weight: float = 1.0
     """kto: weight of the undesirable (label false) examples' loss."""
+    start_adapter: Literal["auto", "merge", "continue"] = "auto"
+    """After a LoRA run (`model.from_run`): `merge` folds its adapter into the base and trains a new one
+    (this recipe's `adapter.lora`) on top, the reference being the merged start; `continue` keeps
+    training the run's adapter, a frozen copy being the reference. `auto`: merge where it is exact (a
+    plain LoRA run on an unquantised base), else continue, saying why. A merged run saves one adapter
+    on the original base: both side by side (rank r1 + r2), exact."""
 
 
 @dataclass

@@ -132,6 +132,19 @@ class DataReport:
         return ordered[min(len(ordered) - 1, max(0, math.ceil(share * len(ordered)) - 1))]
 
 
+REPLY_CUES = frozenset({"assistant", "ai", "bot", "chatbot", "gpt", "model", "response", "answer", "reply", "output",
+                        "a"})
+"""Speaker names and answer labels that end a prompt written for its reply ("...\n\nAssistant:" in HH-RLHF)."""
+
+OWN_CUE = "prompt ends in its own reply cue (such as 'Assistant:'), so no template cue was added"
+
+
+def ends_in_cue(text: str) -> bool:
+    """Whether the last line of `text` is a reply cue such as 'Assistant:' or '### Response:'."""
+    last = text.rstrip().rsplit("\n", 1)[-1].strip().lstrip("#").strip()
+    return last.endswith(":") and last[:-1].strip().lower() in REPLY_CUES
+
+
 def _text(value: Any) -> str | None:
     """A field value as text; None when missing. Numbers and booleans are accepted as their text."""
     if value is None:
@@ -367,7 +380,7 @@ class Formatter:
             messages = [{"role": "user", "content": self._user_text(row)}]
         else:
             prompt = self._user_text(row)
-            prompt = prompt if self.spec.template else f"{prompt}\n{self.task.cue}"
+            prompt = prompt if self.spec.template or ends_in_cue(prompt) else f"{prompt}\n{self.task.cue}"
             if self.spec.system_prompt:
                 prompt = f"{self.spec.system_prompt}\n\n{prompt}"
             sep = "" if prompt[-1:].isspace() else " "
@@ -375,6 +388,11 @@ class Formatter:
         if self.spec.system_prompt and messages[0]["role"] != "system":
             messages.insert(0, {"role": "system", "content": self.spec.system_prompt})
         return self._fold(messages), lambda text: [{"role": "assistant", "content": text}]
+
+    def keeps_own_cue(self, row: dict[str, Any]) -> bool:
+        """Whether this row's text prompt already ends in a reply cue, so that no template cue is added."""
+        return (self.spec.mode != "chat_template" and not self.spec.template and not isinstance(row.get("prompt"), list)
+                and ends_in_cue(self._user_text(row)))
 
     def _fold(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Messages the template can render: where it rejects the system role, each system message is

@@ -8,10 +8,12 @@ model); read, validate and format the data with the shared formatter (in the sta
 template); load the model; train; score held-out pairs with the starting and the tuned policy;
 publish the final adapter atomically.
 
-The reference model is the starting policy, frozen, and never a second copy of the base: when the
-adapter continues an SFT run, trl keeps a frozen copy of the SFT adapter (named "ref") on the same
-base and switches to it for the reference pass; a fresh adapter's reference is the model with the
-adapter switched off (a LoRA adapter starts as a no-op, so that is the starting policy too).
+The reference model is the starting policy, frozen, and never a second copy of the base. After a LoRA
+run (`preference.start_adapter: merge`, what auto picks there) the run's adapter is merged into the
+base and a new adapter trains on top: it starts as a no-op, so the reference is the model with the
+adapter switched off (the merged start), and the saved adapter is the two stacked
+(`adapters.lora.stack`), on the original base. When the run's adapter continues instead (a 4-bit base,
+DoRA), trl keeps a frozen copy of it (named "ref") on the same base for the reference pass.
 """
 
 from __future__ import annotations
@@ -25,9 +27,9 @@ from typing import Any
 
 from adapterkit import evaluation, models, rundir
 from adapterkit import plan as plan_mod
-from adapterkit.adapters import METHODS, MethodSpec, trainable_parameters
+from adapterkit.adapters import METHODS, MethodSpec, lora, trainable_parameters
 from adapterkit.config import Recipe, load_recipe
-from adapterkit.data.formatter import DataReport, FormatSpec, Formatter
+from adapterkit.data.formatter import OWN_CUE, DataReport, FormatSpec, Formatter
 from adapterkit.data.loading import RawRow, read_rows
 from adapterkit.errors import AdapterkitError, ConfigError, DataError, Problem
 from adapterkit.stages.skeleton import (
@@ -55,6 +57,10 @@ class Start:
     run_recipe: Recipe | None = None
     format: FormatSpec | None = None
     """The earlier run's format (template mode, chat template, system prompt), reused for the prompts."""
+    merge: bool = False
+    """`adapter_dir` is merged into the base and a new adapter (`method`, the recipe's) trains on top."""
+    note: str | None = None
+    """Why `preference.start_adapter: auto` continues the run's adapter instead of merging it."""
 
 
 def starting_point(recipe: Recipe) -> Start:
@@ -73,14 +79,43 @@ def starting_point(recipe: Recipe) -> Start:
     fmt = FormatSpec(**json.loads(saved_format.read_text())) if saved_format.is_file() else None
     method = METHODS[manifest["method"]]
     if method.continues is not None:
+        merge, note = merge_or_continue(recipe, method, model_dir)
+        if merge:
+            # The run's adapter is merged into its base; the recipe's own adapter trains on top.
+            return Start(manifest["model_source"], METHODS[recipe.adapter.method], model_dir, run_dir, run_recipe,
+                         fmt, merge=True)
         # The adapter continues: its method (lora or qlora) and settings are the run's.
-        return Start(manifest["model_source"], method, model_dir, run_dir, run_recipe, fmt)
+        return Start(manifest["model_source"], method, model_dir, run_dir, run_recipe, fmt, note=note)
     if method.trains_base:
         # A full fine-tune (or pretraining) produced whole weights: they are the base of a new adapter.
         return Start(str(model_dir), METHODS[recipe.adapter.method], None, run_dir, run_recipe, fmt)
     raise AdapterkitError(Problem("model.from_run", f"run '{run_dir}' trained a {method.name} soft prompt, which "
                                   "cannot continue as a preference stage",
                                   fix="start from a lora, qlora or full run, or from a plain model"))
+
+
+def merge_or_continue(recipe: Recipe, run_method: MethodSpec, adapter_dir: Path) -> tuple[bool, str | None]:
+    """Whether a run's adapter is merged into its base under `preference.start_adapter` (with a new
+    adapter on top), and, when `auto` continues it instead, why."""
+    asked = recipe.preference.start_adapter
+    if asked == "continue":
+        return False, None
+    own = METHODS[recipe.adapter.method]
+    if run_method.quantized_base:
+        why = f"the run's base is 4-bit ({run_method.name}), and merging into it would round the adapter away"
+    elif own.quantized_base or own.family != "lora":
+        why = f"the new adapter would be {own.name} (adapter.method), and only a lora adapter trains on a merged base"
+    elif recipe.adapter.lora.dora:
+        why = "the new adapter would be DoRA (adapter.lora.dora), whose magnitude vectors do not stack"
+    else:
+        problem = lora.stack_problem(adapter_dir)
+        why = None if problem is None else f"the run's adapter cannot be stacked with a new one: {problem}"
+    if why is None:
+        return True, None
+    if asked == "merge":
+        raise ConfigError(Problem("preference.start_adapter", f"'merge' cannot apply: {why}",
+                                  fix="use preference.start_adapter=continue (keeps training the run's adapter)"))
+    return False, f"preference.start_adapter (auto): the run's adapter continues, since {why}"
 
 
 def format_rows(rows: list[RawRow], formatter: Formatter, split: str, source: str) -> tuple[list[dict], DataReport]:
@@ -107,6 +142,8 @@ def format_rows(rows: list[RawRow], formatter: Formatter, split: str, source: st
             continue
         seen.add(key)
         records.append(record)
+        if formatter.keeps_own_cue(fields):
+            report.notes[OWN_CUE] += 1
         if "label" in record:
             report.labels["desirable" if record["label"] else "undesirable"] += 1
     report.examples = len(records)
@@ -281,7 +318,11 @@ def load_model(run: Prepared, start: Start, dev: Any) -> Any:
     base = models.load_base(recipe.model, run.source, run.precision, method.trains_base,
                             recipe.adapter.quant if method.quantized_base else None, dev=dev)
     checkpointing = run.auto.gradient_checkpointing
-    if start.adapter_dir is None:
+    if start.merge:
+        from peft import PeftModel
+
+        base = PeftModel.from_pretrained(base, str(start.adapter_dir)).merge_and_unload()
+    if start.adapter_dir is None or start.merge:
         return method.wrap(base, recipe.adapter, tokenizer_source=run.source, checkpointing=checkpointing)
     return method.continues(base, start.adapter_dir, checkpointing=checkpointing)
 
@@ -355,9 +396,9 @@ def preference_metrics(stage: str, start: list[float], tuned: list[float] | None
 
 # -- the stage --------------------------------------------------------------------------------------
 
-def fit_reports(recipe: Recipe, trainer: Any, reports: list[DataReport], out: Path, say: Any) -> None:
-    """Add what fitting into max_length did to the data reports (printed and saved), and refuse a run
-    that would drop more than data.max_dropped of its training pairs that way."""
+def fit_reports(recipe: Recipe, trainer: Any, reports: list[DataReport], say: Any) -> None:
+    """Add what fitting into max_length did to the data reports (printed; the run saves them), and refuse
+    a run that would drop more than data.max_dropped of its training pairs that way."""
     d = recipe.data
     lines = []
     for report in reports:
@@ -374,8 +415,6 @@ def fit_reports(recipe: Recipe, trainer: Any, reports: list[DataReport], out: Pa
                          f"(data.truncation: {d.truncation}): " + ", ".join(done))
     for line in lines:
         say(line)
-    if trainer.is_world_process_zero():
-        rundir.write_json(out / "data_report.json", [r.to_dict() for r in reports])
     train_report = reports[0]
     if sum(train_report.dropped.values()) > d.max_dropped * train_report.rows_read:
         raise DataError(too_many_dropped(train_report, d, describe_source(d.train), KEEPS_EVERY_PAIR))
@@ -393,6 +432,10 @@ class PreferenceData:
     start: Start
     train: list[dict]
     evaluation: list[dict] | None
+    trainer: Any = None
+    """trl's trainer, built (and the pairs tokenized and fitted) before anything is written."""
+    parameters: tuple[int, int] = (0, 0)
+    """Trainable and total parameters of the policy."""
 
 
 class PreferenceStage:
@@ -405,10 +448,14 @@ class PreferenceStage:
         lineage = {"from_run": str(start.from_run.resolve())}
         if start.adapter_dir is None:
             return recipe, lineage
-        # The starting run's adapter continues: its method, settings and base are what train, so they are
-        # what the run's recipe.yaml says.
-        return dataclasses.replace(recipe, adapter=start.run_recipe.adapter, model=dataclasses.replace(
-            start.run_recipe.model, from_run=recipe.model.from_run)), lineage
+        # The starting run's base is what loads; its adapter is merged into it (the recipe's own adapter
+        # trains on top) or continues (its method and settings train). recipe.yaml says which.
+        model = dataclasses.replace(start.run_recipe.model, from_run=recipe.model.from_run)
+        if start.note:
+            lineage["start_adapter_why"] = start.note  # auto chose to continue: prepare says why
+        preference = dataclasses.replace(recipe.preference, start_adapter="merge" if start.merge else "continue")
+        adapter = recipe.adapter if start.merge else start.run_recipe.adapter
+        return dataclasses.replace(recipe, adapter=adapter, model=model, preference=preference), lineage
 
     def data(self, recipe: Recipe, say: Any = print) -> Data:
         start = starting_point(recipe)
@@ -430,8 +477,12 @@ class PreferenceStage:
         for report in reports:
             say("  " + report.summary())
         if start.from_run is not None:
-            say(f"starting from run {start.from_run} ({start.method.name}"
-                + (", its adapter continues and is the frozen reference)" if start.adapter_dir else ", as the base)"))
+            say(f"starting from run {start.from_run} ("
+                + ("its adapter merged into the base, a new lora adapter on top; the reference is the merged start)"
+                   if start.merge else f"{start.method.name}, its adapter continues and is the frozen reference)"
+                   if start.adapter_dir else f"{start.method.name}, as the base)"))
+            if ctx.lineage.get("start_adapter_why"):
+                say(ctx.lineage["start_adapter_why"])
         problems = models.model_problems(recipe, config, plan_mod.architecture(
             config, recipe.model.trust_remote_code).quantized_matrices)
         if problems:
@@ -440,10 +491,17 @@ class PreferenceStage:
                                                             ctx.procs.num_processes)
         if why:
             say(f"gradient checkpointing (auto): {why}")
-        return Prepared(recipe, Auto(gradient_checkpointing=checkpointing), start.method, start.source, tokenizer,
-                        formatter, reports, precision, config, work=PreferenceData(start, train, evaluation_rows))
+        stacked = (lambda saved: lora.stack(start.adapter_dir, saved)) if start.merge else None
+        run = Prepared(recipe, Auto(gradient_checkpointing=checkpointing), start.method, start.source, tokenizer,
+                       formatter, reports, precision, config, work=PreferenceData(start, train, evaluation_rows),
+                       rewrite_saved=stacked)
+        # trl tokenizes the pairs when its trainer is built, and only then is it known how many fit
+        # max_length: so the trainer is built here, before the run dir is written (a refusal then leaves
+        # an earlier run in output_dir as it was).
+        run.work.trainer = self._trainer(run, ctx)
+        return run
 
-    def train(self, run: Prepared, ctx: Context) -> tuple[Any, dict[str, Any]]:
+    def _trainer(self, run: Prepared, ctx: Context) -> Any:
         import datasets
 
         recipe, work, out, say, dev = run.recipe, run.work, ctx.out, ctx.say, ctx.dev
@@ -466,7 +524,19 @@ class PreferenceStage:
             processing_class=tokenizer,
             callbacks=[rundir.ProgressLog(out, echo=ctx.echo), *ctx.callbacks],
         )
-        fit_reports(recipe, trainer, run.reports, out, say)
+        if (work.start.adapter_dir is None or work.start.merge) and "ref" in getattr(trainer.model, "peft_config", {}):
+            # trl copied the new adapter as the frozen reference ("ref"); a new LoRA adapter is a no-op, so
+            # the model with adapters switched off (trl's reference without a copy) is the same policy,
+            # computed without the adapter's matmuls.
+            trainer.model.delete_adapter("ref")
+        fit_reports(recipe, trainer, run.reports, say)
+        work.parameters = (trainable, total)
+        return trainer
+
+    def train(self, run: Prepared, ctx: Context) -> tuple[Any, dict[str, Any]]:
+        recipe, work, out, say = run.recipe, run.work, ctx.out, ctx.say
+        tokenizer, trainer, d = run.tokenizer, work.trainer, run.recipe.data
+        trainable, total = work.parameters
         metrics: dict[str, Any] = {"trainable_parameters": trainable, "total_parameters": total}
         pairs, labels, lengths = [], None, []
         if work.evaluation:
@@ -492,7 +562,7 @@ class PreferenceStage:
             metrics["pref_after"] = preference_metrics(recipe.stage, start_logps, tuned, labels, lengths, beta)
             metrics["pref_n"] = len(work.evaluation)
         if "ref" in getattr(trainer.model, "peft_config", {}):
-            trainer.model.delete_adapter("ref")  # the reference is the starting adapter, already saved by its run
+            trainer.model.delete_adapter("ref")  # trl's frozen copy of the starting adapter, not part of the result
         return trainer, metrics
 
     def finish(self, run: Prepared, ctx: Context, metrics: dict[str, Any]) -> None:

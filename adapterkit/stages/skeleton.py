@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -139,6 +140,9 @@ class Prepared:
     """What the stage adds to the manifest."""
     work: Any = None
     """The stage's own (its formatted rows, its evaluation)."""
+    rewrite_saved: Callable[[Path], None] | None = None
+    """Rewrites the saved final weights in their temp dir before they are published (a preference run on
+    a merged start stacks its adapter onto the starting one)."""
 
 
 class Stage(Protocol):
@@ -223,7 +227,7 @@ def _run(stage: Stage, recipe: Recipe, src: RecipeSource, force: bool, echo: boo
 
     try:
         trainer, metrics = stage.train(prepared, ctx)
-        save_final(trainer, prepared.tokenizer, prepared.formatter, out)
+        save_final(trainer, prepared.tokenizer, prepared.formatter, out, prepared.rewrite_saved)
     except BaseException as e:
         if ctx.main:
             rundir.mark_ended(out, e)

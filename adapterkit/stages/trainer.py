@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -236,8 +237,10 @@ def _holds_weights(model_dir: Path) -> bool:
 
 
 
-def save_final(trainer: Any, tokenizer: Any, formatter: Formatter, out: Path) -> Path:
-    """Write the final model/adapter, tokenizer and format spec to a temp dir, then move it into place."""
+def save_final(trainer: Any, tokenizer: Any, formatter: Formatter, out: Path,
+               rewrite: Callable[[Path], None] | None = None) -> Path:
+    """Write the final model/adapter, tokenizer and format spec to a temp dir (`rewrite` may change the
+    saved weights there), then move it into place."""
     from accelerate.utils import broadcast_object_list
 
     model = trainer.model
@@ -261,6 +264,8 @@ def save_final(trainer: Any, tokenizer: Any, formatter: Formatter, out: Path) ->
                                               "re-run the same command: it resumes from the last checkpoint"))
         if main:
             (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; the run keeps recipe.yaml instead
+            if rewrite is not None:
+                rewrite(tmp)
             tokenizer.save_pretrained(tmp)
             base.generation_config.save_pretrained(tmp)
             rundir.write_atomic(tmp / "format.json", formatter.spec.to_json())
