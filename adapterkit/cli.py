@@ -201,9 +201,29 @@ def export_command(
                                                             "the original base (original)."),
     force: bool = typer.Option(False, "--force", help="Replace an earlier export at --out, and write the export even "
                                                       "if the parity check fails."),
+    fmt: str = typer.Option("hf", "--format", help="hf (a transformers model directory) or gguf (one .gguf file "
+                                                   "for llama.cpp and Ollama, with a Modelfile)."),
+    quant: Optional[str] = typer.Option(None, "--quant", help="gguf: f32 | f16 (default) | bf16 | q8_0 | q4_0."),
 ) -> None:
-    """Export a run as a standalone model directory (or its adapter), checked against the model as trained:
-    max |Δlogits| and greedy agreement on a fixed batch of the run's data go to export.json."""
+    """Export a run as a standalone model directory (or its adapter), or as a GGUF file, checked against the
+    model as trained: max |Δlogits| and greedy agreement on a fixed batch of the run's data go to export.json."""
+    from adapterkit.errors import ConfigError, Problem
+
+    if fmt not in ("hf", "gguf"):
+        raise ConfigError(Problem("--format", f"'{fmt}' is not an export format", fix="use --format hf or --format gguf"))
+    if fmt == "gguf":
+        wrong = [(flag, why) for flag, given, why in (
+            ("--dtype", dtype, "a GGUF file's number format is --quant"),
+            ("--no-merge", merge is False, "a GGUF file holds merged weights only")) if given]
+        if wrong:
+            raise ConfigError([Problem(flag, f"does not apply to --format gguf: {why}", fix=f"leave {flag} out")
+                               for flag, why in wrong])
+        from adapterkit.export_gguf import DEFAULT_QUANT, export_gguf
+
+        export_gguf(path, out, quant or DEFAULT_QUANT, base, force, say=typer.echo)
+        return
+    if quant is not None:
+        raise ConfigError(Problem("--quant", "applies to --format gguf only", fix="add --format gguf, or use --dtype"))
     from adapterkit.export import export
 
     export(path, out, merge, dtype, base, force, say=typer.echo)

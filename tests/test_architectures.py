@@ -434,3 +434,126 @@ def test_refusal_exits_2_saying_why(arch_dir, tmp_path, capsys, name, cell):
     assert done.value.code == 2, err[-2000:]
     assert REFUSED[name, cell] in err and "Traceback" not in err, err[-2000:]
     assert err.startswith("error: ") and not (out.exists() and any(out.iterdir())), "the output dir was written"
+
+
+# ---------------------------------------------------------------------------------------------
+# GGUF export (llama.cpp, Ollama)
+
+GGUF_NAMES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"]
+
+
+def _gguf(run_dir, out, *flags):
+    from adapterkit.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["export", str(run_dir), "--out", str(out), "--format", "gguf", *flags])
+    return done.value.code
+
+
+@pytest.mark.parametrize("name", GGUF_NAMES)
+def test_gguf_export_reproduces_the_trained_model(runs, tmp_path, name, capsys):
+    """The file, read back by transformers, holds the merged weights exactly as rounded (f16), stays within
+    f16's bound of the model as trained, and carries the tokenizer (same ids, same EOS)."""
+    run_dir = runs(name, "lora").result().out
+    out = tmp_path / "gguf"
+    assert _gguf(run_dir, out) == 0, capsys.readouterr().err[-3000:]
+    info = json.loads((out / "export.json").read_text())
+    p = info["parity"]
+    assert p["passed"] and p["tokenizer_identical"] and p["eos_identical"], p
+    assert p["file"]["max_abs_logit_diff"] <= p["file"]["tolerance"] and p["file"]["greedy_identical"] == p["file"]["rows"]
+    assert 0 < p["trained"]["max_abs_logit_diff"] <= p["trained"]["tolerance"], p["trained"]  # f16 rounds a little
+    assert (out / "model-f16.gguf").stat().st_size == info["bytes"]
+    modelfile = (out / "Modelfile").read_text()
+    assert "FROM ./model-f16.gguf" in modelfile and "PARAMETER stop" in modelfile
+    chat = TEMPLATES[ARCHS[name]["chat"]][0]
+    if chat is None:  # the plain template: the instruction and cue around what the user types
+        assert 'TEMPLATE """Classify the sentiment' in modelfile and "Text: {{ .Prompt }}\nSentiment:" in modelfile
+    elif "<|im_start|>" in chat:
+        assert "<|im_start|>user\n{{ .Prompt }}<|im_end|>" in modelfile and 'PARAMETER stop "<|im_end|>"' in modelfile
+    # The metadata llama.cpp reads, as written.
+    import gguf
+
+    reader = gguf.GGUFReader(str(out / "model-f16.gguf"))
+    arch = info["architecture"]
+    fields = {f.name: f for f in reader.fields.values()}
+    block = fields[f"{arch}.block_count"]
+    assert int(block.parts[block.data[0]][0]) == LAYERS
+    assert f"{arch}.attention.head_count_kv" in fields and "tokenizer.ggml.merges" in fields
+    assert ("tokenizer.chat_template" in fields) == (TEMPLATES[ARCHS[name]["chat"]][0] is not None)
+
+
+@pytest.mark.parametrize("quant, kinds", [("f32", {"f32"}), ("bf16", {"f32", "bf16"}), ("q8_0", {"f32", "q8_0"}),
+                                          ("q4_0", {"f32", "q4_0", "q8_0"})])
+def test_gguf_quant_types_are_checked_against_their_own_rounding(runs, tmp_path, quant, kinds, capsys):
+    run_dir = runs("llama", "lora").result().out
+    out = tmp_path / quant
+    assert _gguf(run_dir, out, "--quant", quant) == 0, capsys.readouterr().err[-3000:]
+    info = json.loads((out / "export.json").read_text())
+    p = info["parity"]
+    assert set(info["tensor_types"]) == kinds and p["passed"], (info["tensor_types"], p)
+    # Whatever the quant type, the reloaded file equals the weights as it rounds them.
+    assert p["file"]["max_abs_logit_diff"] <= 1e-4 * max(1.0, p["file"]["logit_scale"]), p["file"]
+    if quant == "f32":
+        assert p["trained"]["max_abs_logit_diff"] <= 1e-4 * max(1.0, p["trained"]["logit_scale"])
+
+
+def test_gguf_without_the_llama_permutation_fails_its_check(runs, tmp_path, monkeypatch, capsys):
+    """Written without llama.cpp's q/k row order, transformers (which undoes that order) reads other weights
+    than the source's: the check against the source catches it, and nothing is left at --out."""
+    from adapterkit import export_gguf
+
+    monkeypatch.setattr(export_gguf, "permute", lambda w, heads: w)
+    out = tmp_path / "broken"
+    assert _gguf(runs("llama", "lora").result().out, out, "--quant", "f32") == 3
+    err = capsys.readouterr().err
+    assert "the file differs from the weights it should hold" in err and not out.exists()
+
+
+def test_gguf_refuses_what_it_cannot_write_before_any_work(runs, tmp_path, capsys):
+    out = tmp_path / "no"
+    assert _gguf(runs("gpt2", "lora").result().out, out) == 2
+    err = capsys.readouterr().err
+    assert "architecture 'gpt2' cannot be exported to GGUF" in err and "qwen3" in err and "convert_hf_to_gguf" in err
+    assert _gguf(runs("llama", "lora").result().out, out, "--quant", "q4_k_m") == 2
+    err = capsys.readouterr().err
+    assert "K-quant" in err and "llama-quantize" in err and "Q4_K_M" in err
+    assert _gguf(runs("llama", "lora").result().out, out, "--quant", "q9") == 2
+    assert "not a GGUF type" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_a_sentencepiece_tokenizer_is_refused_by_name():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from adapterkit.export_gguf import tokenizer_problem
+
+    spm = Tokenizer(models.BPE(vocab={"<unk>": 0, "▁a": 1}, merges=[], byte_fallback=True, unk_token="<unk>"))
+    spm.pre_tokenizer = pre_tokenizers.Metaspace()
+    assert "SentencePiece" in tokenizer_problem(PreTrainedTokenizerFast(tokenizer_object=spm))
+
+
+def test_llama3_rope_factors_match_transformers():
+    """rope_freqs (Llama 3.1's long-context RoPE, which llama.cpp divides each frequency by) agrees with
+    transformers' own llama3 RoPE frequencies."""
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from adapterkit.export_gguf import llama3_rope_factors
+
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    config = LlamaConfig(hidden_size=512, num_attention_heads=4, max_position_embeddings=131072, rope_parameters=rope)
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    plain = 1.0 / (500000.0 ** (torch.arange(0, 128, 2, dtype=torch.float64) / 128))
+    factors = torch.tensor(llama3_rope_factors(config), dtype=torch.float64)
+    assert factors.min() == 1.0 and factors.max() == 8.0
+    assert torch.allclose(plain / factors, scaled.double(), rtol=1e-5)
+
+
+def test_gguf_of_a_qlora_run_holds_the_adapter_merged_into_its_nf4_weights(runs, tmp_path, capsys):
+    out = tmp_path / "qlora"
+    assert _gguf(runs("llama", "qlora").result().out, out, "--quant", "f32") == 0, capsys.readouterr().err[-3000:]
+    p = json.loads((out / "export.json").read_text())["parity"]
+    assert p["passed"] and p["trained"]["greedy_identical"] == p["trained"]["rows"], p
+    assert p["trained"]["max_abs_logit_diff"] <= 1e-4 * max(1.0, p["trained"]["logit_scale"])
