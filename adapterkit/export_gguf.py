@@ -22,8 +22,11 @@ Only an export that passes both (or is forced) is moved into place, with the num
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import io
 import json
+import math
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -267,7 +270,6 @@ def write_gguf(model: Any, trained: Trained, arch: GgufArch, quant: str, path: P
 def llama3_rope_factors(text: Any) -> np.ndarray | None:
     """Llama 3's RoPE scaling as llama.cpp takes it: per frequency, the divisor (1 for short wavelengths,
     `factor` for long ones, smoothly in between), or None for another RoPE."""
-    import math
 
     rope = _rope(text)
     if rope.get("rope_type") != "llama3":
@@ -397,14 +399,26 @@ def _adds_bos(tok: Any) -> bool:
 
 
 def _pre_tokenizer(spec: dict[str, Any]) -> str | None:
-    """llama.cpp's name for the pre-tokenizer's split regex, where it is one llama.cpp knows by pattern."""
-    text = json.dumps(spec.get("pre_tokenizer"))
-    if "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\\\r\\\\n\\\\p{L}\\\\p{N}]?\\\\p{L}+|\\\\p{N}{1,3}" in text:
-        return "llama-bpe"  # Llama 3
-    if "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\\\r\\\\n\\\\p{L}\\\\p{N}]?\\\\p{L}+|\\\\p{N}|" in text:
-        return "qwen2"
-    if '"use_regex": true' in text or '"use_regex":true' in text:
-        return "gpt-2"  # a plain ByteLevel pre-tokenizer splits with GPT-2's regex
+    """llama.cpp's name for the pre-tokenizer, where its split regex is one of the named ones (the table
+    transformers reads GGUF files with, keyed by llama.cpp's names); GPT-2's for a plain ByteLevel split."""
+    try:
+        from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
+    except ImportError:
+        GGUF_PRE_TOKENIZER_SPLITS = {}  # noqa: N806
+
+    def nodes(node: Any) -> list[dict[str, Any]]:
+        if not isinstance(node, dict):
+            return []
+        return [node, *(n for child in node.get("pretokenizers", []) for n in nodes(child))]
+
+    found = nodes(spec.get("pre_tokenizer"))
+    for node in found:
+        pattern = node.get("pattern", {}).get("Regex") if node.get("type") == "Split" else None
+        for name, regex in GGUF_PRE_TOKENIZER_SPLITS.items():
+            if pattern is not None and pattern == regex:
+                return name
+    if any(n.get("type") == "ByteLevel" and n.get("use_regex", True) for n in found):
+        return "gpt-2"
     return None
 
 
@@ -548,7 +562,7 @@ def export_gguf(path: str | Path, out: str | Path, quant: str = DEFAULT_QUANT, b
             "format": "gguf", "quant": quant, "file": gguf_name, "bytes": size, "architecture": arch.name.lower(),
             "model_type": text.model_type, "tensor_types": _count(types), "weights": weights,
             "metadata": meta, "run": str(run_dir.resolve()), "method": method.name,
-            "parity": {"file": asdict(parity.file), "trained": asdict(parity.trained),
+            "parity": {"file": _finite(asdict(parity.file)), "trained": _finite(asdict(parity.trained)),
                        "tokenizer_identical": parity.tokenizer_identical, "eos_identical": parity.eos_identical,
                        "llama_cpp": parity.llama_cpp, "passed": parity.passed},
             "forced": bool(force and not parity.passed), "versions": rundir.versions(),
@@ -570,7 +584,10 @@ def export_gguf(path: str | Path, out: str | Path, quant: str = DEFAULT_QUANT, b
                                       fix="free disk space (or choose an --out on another disk), then run the "
                                           "export again")) from None
     say(f"file check ({'passed' if parity.file.passed else 'FAILED'}): {parity.file.summary()}")
-    say(f"against the trained model ({'passed' if parity.trained.passed else 'FAILED'}): {parity.trained.summary()}")
+    cost = parity.trained.summary()
+    if parity.trained.tolerance == float("inf"):
+        cost = cost.replace(f"(tolerance inf for {quant})", f"(reported, not bounded, for {quant})")
+    say(f"against the trained model ({'passed' if parity.trained.passed else 'FAILED'}): {cost}")
     say(f"tokenizer from the file: {'same ids and EOS' if parity.tokenizer_identical and parity.eos_identical else 'DIFFERS'}"
         f"; llama.cpp: {parity.llama_cpp.get('status')}")
     if not parity.passed:
@@ -578,6 +595,11 @@ def export_gguf(path: str | Path, out: str | Path, quant: str = DEFAULT_QUANT, b
     say(f"exported {out / gguf_name} ({quant}); run it: llama-cli -m {out / gguf_name}, or "
         f"cd {out} && ollama create {run_dir.name} -f Modelfile")
     return info
+
+
+def _finite(numbers: dict[str, Any]) -> dict[str, Any]:
+    """export.json is standard JSON: an unbounded tolerance is null, not Infinity."""
+    return {k: None if isinstance(v, float) and math.isinf(v) else v for k, v in numbers.items()}
 
 
 def _count(types: dict[str, str]) -> dict[str, int]:
@@ -617,8 +639,11 @@ def _load_gguf(directory: Path, name: str, config: Any) -> Any:
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        return AutoModelForCausalLM.from_pretrained(str(directory), gguf_file=name, config=config,
-                                                    dtype=torch.float32).eval()
+        # Its plain tqdm bar ("Converting and de-quantizing GGUF tensors") is not shown: the export says what
+        # it does. An error still propagates.
+        with contextlib.redirect_stderr(io.StringIO()):
+            return AutoModelForCausalLM.from_pretrained(str(directory), gguf_file=name, config=config,
+                                                        dtype=torch.float32).eval()
     finally:
         hf_logging.set_verbosity(level)
 

@@ -495,6 +495,8 @@ def test_gguf_quant_types_are_checked_against_their_own_rounding(runs, tmp_path,
     assert p["file"]["max_abs_logit_diff"] <= 1e-4 * max(1.0, p["file"]["logit_scale"]), p["file"]
     if quant == "f32":
         assert p["trained"]["max_abs_logit_diff"] <= 1e-4 * max(1.0, p["trained"]["logit_scale"])
+    if quant in ("q8_0", "q4_0"):  # what a block quant costs is reported, not bounded (null in the JSON)
+        assert p["trained"]["tolerance"] is None and p["trained"]["max_abs_logit_diff"] > 0
 
 
 def test_gguf_without_the_llama_permutation_fails_its_check(runs, tmp_path, monkeypatch, capsys):
@@ -557,3 +559,23 @@ def test_gguf_of_a_qlora_run_holds_the_adapter_merged_into_its_nf4_weights(runs,
     p = json.loads((out / "export.json").read_text())["parity"]
     assert p["passed"] and p["trained"]["greedy_identical"] == p["trained"]["rows"], p
     assert p["trained"]["max_abs_logit_diff"] <= 1e-4 * max(1.0, p["trained"]["logit_scale"])
+
+
+def test_gguf_names_the_pre_tokenizer_llama_cpp_splits_with():
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
+
+    from adapterkit.export_gguf import _pre_tokenizer, _tokenizer_json
+
+    def named(pre):
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre
+        return _pre_tokenizer(_tokenizer_json(PreTrainedTokenizerFast(tokenizer_object=tok)))
+
+    llama3 = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(GGUF_PRE_TOKENIZER_SPLITS["llama-bpe"]), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    assert named(llama3) in ("llama3", "llama-bpe", "llama-v3")
+    assert named(pre_tokenizers.ByteLevel(add_prefix_space=False)) == "gpt-2"
+    assert named(pre_tokenizers.Whitespace()) is None
