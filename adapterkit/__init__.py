@@ -13,3 +13,20 @@ import os
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 __version__ = "0.1.0"
+
+
+def _quiet_bitsandbytes() -> None:
+    """bitsandbytes, on a CPU with AVX512-BF16, tries to fetch a faster 4-bit matmul from the Hugging Face
+    hub through the optional `kernels` package and, when that is not installed, warns on every start
+    ("Failed to load CPU gemm_4bit_forward from kernels-community"). Its own 4-bit path runs instead, which
+    is what adapterkit tests; the line says nothing a user can act on, so it is dropped (only that one)."""
+    import logging
+
+    class _NoKernelsHub(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return "gemm_4bit_forward from kernels-community" not in record.getMessage()
+
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_NoKernelsHub())
+
+
+_quiet_bitsandbytes()

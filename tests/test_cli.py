@@ -149,3 +149,17 @@ def test_bad_input_exits_2_without_traceback_and_writes_nothing(capsys, tmp_path
         assert "Traceback" not in err and "fix:" in err, err
         assert not out_dir.exists(), overrides
         assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before, overrides
+
+
+def test_only_bitsandbytes_kernels_hub_warning_is_dropped(caplog):
+    """The one line bitsandbytes prints on every start on AVX512-BF16 CPUs is dropped; its other warnings
+    are not."""
+    import logging
+
+    import adapterkit  # noqa: F401  (installs the filter)
+
+    log = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    with caplog.at_level(logging.WARNING):
+        log.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure", "boom")
+        log.warning("some other bitsandbytes warning")
+    assert "kernels-community" not in caplog.text and "some other bitsandbytes warning" in caplog.text
