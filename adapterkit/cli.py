@@ -255,6 +255,32 @@ def plan_command(
     typer.echo(to_json(memory, budget, fit) if as_json else render(memory, budget, fit, name))
 
 
+@app.command("methods")
+def methods_command(
+    model: str = typer.Argument(..., help="A hub id, a model directory, builtin:tiny, or a config.json."),
+    overrides: Optional[list[str]] = OVERRIDES,
+    gpu_memory: Optional[str] = typer.Option(None, "--gpu-memory", help="Memory to fit in, e.g. 12GiB: says which "
+                                                                         "methods fit."),
+    device: str = typer.Option("cuda", "--device", help="cuda (a GPU) or cpu."),
+    as_json: bool = typer.Option(False, "--json", help="Print the rows as JSON (bytes)."),
+) -> None:
+    """Every adaptation method on MODEL, from its config alone: what trains, the planned peak memory, whether
+    it fits, and whether it merges into the weights. KEY=VALUE overrides (data.max_length=1024,
+    train.batch_size=4, adapter.lora.r=64, ...) apply to every row."""
+    import json
+
+    from adapterkit.errors import ConfigError, Problem
+    from adapterkit.plan import parse_memory
+    from adapterkit.plan.choose import methods_table, render_table
+
+    if device not in ("cuda", "cpu"):
+        raise ConfigError(Problem("--device", f"'{device}' is not a device", fix="use --device cuda or --device cpu"))
+    budget = parse_memory(gpu_memory) if gpu_memory is not None else None
+    config_path = model if model.endswith(".json") else None
+    rows = methods_table(model, overrides or [], device, budget, config_path)
+    typer.echo(json.dumps([r.to_dict() for r in rows], indent=2) if as_json else render_table(rows, model, device, budget))
+
+
 def _marked(tokenizer, ids: list[int], labels: list[int], ignore: int) -> str:
     """Decode ids in runs of same supervision, wrapping supervised runs in ⟦ ⟧."""
     out, run, flag = [], [], None

@@ -257,3 +257,55 @@ def test_a_run_decides_auto_from_the_free_memory_and_records_it(tmp_path, tiny_m
     result = run(recipe, src, echo=False)
     assert json.loads((result.out / "manifest.json").read_text())["gradient_checkpointing"] is True
     assert result.model.get_base_model().is_gradient_checkpointing
+
+
+# -- adapterkit methods: every method on one model ------------------------------------------------------
+
+def test_methods_lists_every_method_with_what_trains_and_what_fits(capsys, llama_7b):
+    code, out, _ = cli(capsys, "methods", str(llama_7b), "--gpu-memory", "12GiB", "--json")
+    rows = {r["method"]: r for r in json.loads(out)}
+    assert code == 0 and list(rows) == ["prompt_tuning", "prefix_tuning", "p_tuning", "lora", "dora", "qlora", "full"]
+    assert {r["family"] for r in rows.values()} == {"additive (soft prompt)", "reparameterised (low rank)",
+                                                    "full fine-tuning"}
+    # On Llama-2-7B in 12 GiB, of the low-rank methods only QLoRA fits; full fine-tuning trains every weight.
+    assert rows["qlora"]["fits"] and not rows["lora"]["fits"] and not rows["full"]["fits"]
+    assert rows["full"]["trainable"] == rows["full"]["parameters"] > 6.7e9
+    assert rows["prompt_tuning"]["trainable"] < rows["lora"]["trainable"] < rows["dora"]["trainable"]
+    assert rows["lora"]["trainable"] == rows["qlora"]["trainable"]
+    assert rows["qlora"]["peak"] < rows["lora"]["peak"] < rows["full"]["peak"]
+    assert rows["p_tuning"]["merges"].startswith("no") and rows["lora"]["merges"] == "yes"
+    # A row is the memory plan of that method (adapterkit plan's own numbers).
+    _, plan_out, _ = cli(capsys, "plan", "lora-sentiment", "adapter.method=qlora", "adapter.lora.dora=false",
+                         "--model-config", str(llama_7b), "--gpu-memory", "12GiB", "--json")
+    assert json.loads(plan_out)["total"] == rows["qlora"]["peak"]
+    # Overrides apply to every row: a longer sequence costs the LoRA run more memory.
+    _, longer, _ = cli(capsys, "methods", str(llama_7b), "--json", "data.max_length=2048")
+    assert json.loads(longer)[3]["peak"] > rows["lora"]["peak"]
+
+
+def test_methods_counts_what_peft_trains_on_the_real_model(capsys, tiny_model_dir):
+    """The trainable count of the LoRA row equals peft's on the model really loaded and wrapped."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from adapterkit.adapters.lora import lora_config
+
+    code, out, _ = cli(capsys, "methods", str(tiny_model_dir), "--device", "cpu", "--json")
+    rows = {r["method"]: r for r in json.loads(out)}
+    recipe, _ = load_recipe("lora-sentiment", ["adapter.lora.dora=false"])
+    wrapped = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), lora_config(recipe.adapter.lora))
+    trainable, total = wrapped.get_nb_trainable_parameters()
+    assert code == 0 and rows["lora"]["trainable"] == trainable and rows["lora"]["parameters"] == total - trainable
+    assert rows["lora"]["fits"] is None  # no --gpu-memory: nothing to fit in
+
+
+def test_methods_shows_a_refused_method_and_refuses_a_missing_model(capsys, tmp_path):
+    from architectures import build
+
+    falcon = build("falcon", tmp_path / "falcon")
+    code, out, _ = cli(capsys, "methods", str(falcon), "--device", "cpu")
+    assert code == 0 and "qlora refused: 'qlora': transformers quantises no layer of" in out, out
+    assert "use adapter.method=lora" in out
+    assert "lora " in out and "full fine-tuning" in out
+    code, _, err = cli(capsys, "methods", str(tmp_path / "nope"))
+    assert code == 2 and "nope" in err and "Traceback" not in err
