@@ -255,6 +255,24 @@ def plan_command(
     typer.echo(to_json(memory, budget, fit) if as_json else render(memory, budget, fit, name))
 
 
+@app.command("doctor")
+def doctor_command(
+    path: str = typer.Argument(..., help="A run's output_dir (finished, interrupted or failed)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the findings as JSON."),
+) -> None:
+    """What a run's log and reports show went wrong (stagnant, rising or spiking loss, vanishing or exploding
+    gradients, a learning rate far outside the method's range, nothing supervised, no end of turn learnt,
+    overfitting, throughput collapse), each with what it saw and the fixes to try, ranked. Exit code 0
+    when nothing is found, 1 when something is."""
+    from pathlib import Path
+
+    from adapterkit.doctor import report, to_json
+
+    found, text = report(Path(path))
+    typer.echo(to_json(found) if as_json else text)
+    raise typer.Exit(1 if found else 0)
+
+
 @app.command("methods")
 def methods_command(
     model: str = typer.Argument(..., help="A hub id, a model directory, builtin:tiny, or a config.json."),

@@ -13,6 +13,7 @@ import torch
 from adapterkit.config import load_recipe, shipped, summary
 from adapterkit.data.formatter import FormatSpec, Formatter
 from adapterkit.data.loading import read_rows, resolve_sample
+from adapterkit import doctor
 from adapterkit.stages import run
 
 SFT = sorted(n for n in shipped() if summary(shipped()[n])["stage"] == "sft")
@@ -61,6 +62,7 @@ def test_shipped_recipe_runs_end_to_end(name, tmp_path, fast_builtin):
     assert summary["task"] == recipe.data.task and summary["n"] == 4
     assert summary["headline"] in summary["base"] and summary["headline"] in summary["tuned"]
     assert (out / "report.md").read_text().startswith(f"# {name}: ")
+    assert doctor.report(out)[0] == []  # a healthy run of a shipped recipe raises nothing
 
 
 @pytest.mark.parametrize("name", PREFERENCE)
@@ -78,3 +80,4 @@ def test_shipped_preference_recipe_runs_end_to_end(name, tmp_path, fast_builtin)
     assert summary_["n"] == 16
     moved = "reward_margin" if recipe.stage == "dpo" else "logp_gap"  # the policy moved from its reference
     assert summary_["tuned"][moved] != summary_["base"].get(moved, 0)
+    assert doctor.report(out)[0] == []

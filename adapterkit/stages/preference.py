@@ -31,6 +31,7 @@ from adapterkit.adapters import METHODS, MethodSpec, lora, trainable_parameters
 from adapterkit.config import Recipe, load_recipe
 from adapterkit.data.formatter import OWN_CUE, DataReport, FormatSpec, Formatter
 from adapterkit.data.loading import RawRow, read_rows
+from adapterkit.doctor import DoctorCallback
 from adapterkit.errors import AdapterkitError, ConfigError, DataError, Problem
 from adapterkit.stages.skeleton import (
     Context,
@@ -522,7 +523,9 @@ class PreferenceStage:
             train_dataset=datasets.Dataset.from_list(work.train),
             eval_dataset=datasets.Dataset.from_list(work.evaluation) if work.evaluation else None,
             processing_class=tokenizer,
-            callbacks=[rundir.ProgressLog(out, echo=ctx.echo), *ctx.callbacks],
+            callbacks=[rundir.ProgressLog(out, echo=ctx.echo),
+                       DoctorCallback(run.method.family, recipe.stage, recipe.train.lr, echo=ctx.echo),
+                       *ctx.callbacks],
         )
         if (work.start.adapter_dir is None or work.start.merge) and "ref" in getattr(trainer.model, "peft_config", {}):
             # trl copied the new adapter as the frozen reference ("ref"); a new LoRA adapter is a no-op, so

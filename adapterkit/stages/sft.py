@@ -23,6 +23,7 @@ from adapterkit.adapters import METHODS, trainable_parameters
 from adapterkit.config import Recipe, packs
 from adapterkit.data.formatter import DataReport, Formatter, encode_rows, label_set
 from adapterkit.data.loading import RawRow, read_rows
+from adapterkit.doctor import DoctorCallback
 from adapterkit.errors import AdapterkitError, ConfigError, DataError, Problem
 from adapterkit.stages.skeleton import Context, Data, Prepared, describe_source, refuse_unusable
 from adapterkit.stages.trainer import (
@@ -240,7 +241,8 @@ class SFT:
             train_dataset=datasets.Dataset.from_list(work.train),
             eval_dataset=datasets.Dataset.from_list(work.evaluation) if work.evaluation else None,
             processing_class=run.tokenizer,
-            callbacks=[progress, *ctx.callbacks],
+            callbacks=[progress, DoctorCallback(method.family, recipe.stage, recipe.train.lr, echo=ctx.echo,
+                                                phase=lambda: progress.phase), *ctx.callbacks],
         )
         metrics: dict[str, Any] = {"trainable_parameters": trainable, "total_parameters": total}
         previous = rundir.read_manifest(out).get("metrics") or {}
