@@ -113,7 +113,7 @@ def _bad_inputs(tmp: Path, tiny_model_dir: Path) -> list[tuple[list[str], str]]:
         ([model, f"data.train={not_list}"], "expected a list of objects"),
         ([model, f"data.train={ragged}"], f"{ragged}:3: row has more values than the header"),
         ([model, f"data.train={prose}"], "needs field 'label'"),
-        ([model, "data.task=chat", f"data.train={chats}"], "messages are not a list of {role, content} with an assistant"),
+        ([model, "data.task=chat", f"data.train={chats}"], "messages are not a list of {role, content} (or ShareGPT's {from, value}) with an assistant"),
         ([model, f"data.train={good}", f"output_dir={foreign}"], "is not empty and is not an adapterkit run"),
         ([model, f"data.train={good}", f"output_dir={a_file}/run"], "is not a writable directory"),
         ([model, f"data.train={good}", f"output_dir={a_file}"], "is a file, not a directory"),

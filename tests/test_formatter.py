@@ -353,3 +353,34 @@ def test_a_prompt_that_ends_in_its_own_reply_cue_gets_no_second_one(plain, promp
     record = f.record(fields)
     assert record["prompt"] == (prompt if own else prompt + "\nResponse:")
     assert record["chosen"] == " yes" and f.keeps_own_cue(fields) == own
+
+
+def test_sharegpt_conversations_are_read_as_chat_messages(plain):
+    f = make(plain, "chat")
+    row = RawRow({"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi"},
+                                    {"from": "gpt", "value": "Hello."}]}, "x:1")
+    f.check_columns([row], "x")  # `conversations` stands in for `messages` when the rows have no `messages`
+    fields, reason = f.fields(row)
+    assert reason is None and [m["role"] for m in fields["messages"]] == ["system", "user", "assistant"]
+    assert fields["messages"][2]["content"] == "Hello." and sum(f.notes.values()) == 1
+    odd = RawRow({"conversations": [{"from": "human", "value": "Hi"}, {"from": "narrator", "value": "..."}]}, "x:2")
+    assert f.fields(odd) == (None, "messages are not a list of {role, content} (or ShareGPT's {from, value}) "
+                                   "with an assistant turn")
+
+
+def test_nested_columns_by_dotted_path_and_squad_answers(plain):
+    row = RawRow({"question": "Capital of France?", "context": "Paris is the capital of France.",
+                  "answers": {"text": ["Paris", "paris"], "answer_start": [0, 0]},
+                  "meta": {"q": [{"text": "Which city?"}]}}, "x:1")
+    f = make(plain, "qa", columns={"answer": "answers"})  # SQuAD's record: its first text
+    f.check_columns([row], "x")
+    assert f.fields(row)[0]["answer"] == "Paris"
+    assert list(f.notes) == ["'answer' read from a list (or a {text: [...]} record) as its first item"]
+    g = make(plain, "qa", columns={"answer": "answers.text.1", "question": "meta.q.0.text"})
+    g.check_columns([row], "x")
+    fields, _ = g.fields(row)
+    assert fields["answer"] == "paris" and fields["question"] == "Which city?"
+    h = make(plain, "qa", columns={"answer": "answers.text.5"})  # no such item: the row is dropped, not guessed
+    assert h.fields(row) == (None, "missing or non-text 'answer'")
+    with pytest.raises(DataError, match="no column 'solutions.text'"):
+        make(plain, "qa", columns={"answer": "solutions.text"}).check_columns([row], "x")

@@ -145,8 +145,29 @@ def ends_in_cue(text: str) -> bool:
     return last.endswith(":") and last[:-1].strip().lower() in REPLY_CUES
 
 
+def lookup(values: dict[str, Any], column: str) -> Any:
+    """A row's value for `column`: the column itself, else a dotted path into nested fields
+    (`answers.text`, `meta.0.title`: a number indexes a list). None when there is no such value."""
+    if column in values or "." not in column:
+        return values.get(column)
+    node: Any = values
+    for part in column.split("."):
+        if isinstance(node, dict):
+            node = node.get(part)
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return None
+    return node
+
+
 def _text(value: Any) -> str | None:
-    """A field value as text; None when missing. Numbers and booleans are accepted as their text."""
+    """A field value as text; None when missing. Numbers and booleans are accepted as their text; a list
+    gives its first item and a {text: ...} record its text (SQuAD's `answers`), where one text is needed."""
+    if isinstance(value, dict) and "text" in value:
+        value = value["text"]
+    if isinstance(value, list):
+        value = value[0] if value else None
     if value is None:
         return None
     if isinstance(value, bool):
@@ -246,12 +267,21 @@ class Formatter:
 
     # -- rows -> task fields -------------------------------------------------------------------
 
+    def column(self, field: str, values: dict[str, Any] | set[str]) -> str:
+        """The column a field is read from: data.columns, else the field's own name; for chat messages,
+        ShareGPT's `conversations` when the rows have no `messages`."""
+        if field in self.columns:
+            return self.columns[field]
+        if field == "messages" and "messages" not in values and "conversations" in values:
+            return "conversations"
+        return field
+
     def check_columns(self, rows: list[RawRow], source: str) -> None:
         """Fail early, with the columns that do exist, when a required field has no column."""
         present: set[str] = set()
         for row in rows[:1000]:
             present.update(row.values)
-        missing = [f for f in self.task.required if self.columns.get(f, f) not in present]
+        missing = [f for f in self.task.required if self.column(f, present).split(".")[0] not in present]
         if not missing:
             return
         problems = []
@@ -270,12 +300,13 @@ class Formatter:
     def fields(self, raw: RawRow) -> tuple[dict[str, Any] | None, str | None]:
         """The task fields of a row, or (None, reason) when the row must be dropped."""
         if self.task.kind == "preference":
-            conversation = _split_conversations(*(raw.values.get(self.columns.get(f, f)) for f in ("chosen", "rejected")))
+            conversation = _split_conversations(*(lookup(raw.values, self.column(f, raw.values))
+                                                  for f in ("chosen", "rejected")))
             if conversation is not None:
                 return conversation
         out: dict[str, Any] = {}
         for f in self.task.fields:
-            value = raw.values.get(self.columns.get(f, f))
+            value = lookup(raw.values, self.column(f, raw.values))
             if self.task.kind == "unpaired" and f == "label":
                 label = _judgement(value)
                 if label is None:
@@ -283,11 +314,18 @@ class Formatter:
                 out[f] = label
                 continue
             if f == "messages":
+                shared = _sharegpt(value)
+                if shared is not None:
+                    value = shared
+                    self.notes[SHAREGPT] += 1
                 if not _valid_messages(value):
-                    return None, "messages are not a list of {role, content} with an assistant turn"
+                    return None, ("messages are not a list of {role, content} (or ShareGPT's {from, value}) with "
+                                  "an assistant turn")
                 out[f] = [{"role": m["role"], "content": m["content"]} for m in value]
                 continue
             text = _text(value)
+            if isinstance(value, (list, dict)) and text is not None:
+                self.notes[FIRST_ITEM.format(field=f)] += 1
             if f in self.task.required:
                 if text is None:
                     return None, f"missing or non-text '{f}'"
@@ -569,6 +607,29 @@ def _judgement(value: Any) -> bool | None:
     if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
         return value.strip().lower() in _TRUE
     return None
+
+
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "chatgpt": "assistant", "bot": "assistant", "model": "assistant", "system": "system"}
+"""ShareGPT speaker names (`from`) and the chat roles they are."""
+
+FIRST_ITEM = "'{field}' read from a list (or a {{text: [...]}} record) as its first item"
+
+SHAREGPT = "ShareGPT turns ({from, value}) read as chat messages (human: user, gpt: assistant)"
+
+
+def _sharegpt(value: Any) -> list[dict[str, str]] | None:
+    """ShareGPT's `[{from: human, value: ...}, {from: gpt, value: ...}]` as `[{role, content}]`, or None
+    when `value` is not that shape (or names a speaker with no chat role)."""
+    if not isinstance(value, list) or not value or not all(isinstance(m, dict) and "from" in m for m in value):
+        return None
+    out = []
+    for m in value:
+        role = SHAREGPT_ROLES.get(str(m.get("from")).strip().lower())
+        if role is None or not isinstance(m.get("value"), str):
+            return None
+        out.append({"role": role, "content": m["value"]})
+    return out
 
 
 def _valid_messages(value: Any) -> bool:
