@@ -406,6 +406,8 @@ class ProgressLog(TrainerCallback):
             if self.flops_per_token and self.peak_flops:
                 row["mfu"] = round(rate * self.flops_per_token / (self.peak_flops * self.processes), 4)
                 mfu = f" | MFU {row['mfu']:.1%}"
+            # The trackers of train.report_to come after this callback: they log these beside the loss.
+            logs.update({k: row[k] for k in ("tokens_per_s", "mfu") if k in row})
             done = state.global_step / max(state.max_steps, 1)
             eta = (t - self.t0) / done * (1 - done) if done > 0 else 0.0
             lr = logs.get("learning_rate")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import string
 from typing import Any
@@ -40,6 +41,16 @@ def packs(recipe: Recipe) -> bool:
 # Rules across fields
 
 
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio", "mlflow": "mlflow"}
+"""train.report_to's trackers (transformers' integration names) and the package each needs."""
+
+
+def trackers_of(report_to: str | list[str]) -> list[str]:
+    """train.report_to as a list of tracker names: none (or an empty list) is no tracker."""
+    names = [report_to] if isinstance(report_to, str) else list(report_to)
+    return [n for n in names if n != "none"]
+
+
 def _check(recipe: Recipe, src: RecipeSource) -> list[Problem]:
 
     problems: list[Problem] = []
@@ -72,6 +83,15 @@ def _check(recipe: Recipe, src: RecipeSource) -> list[Problem]:
         at_least(key, value, low)
     for name, value in vars(m.architecture).items():
         at_least(f"model.architecture.{name}", value, 1)
+    trackers = trackers_of(t.report_to)
+    for name in trackers:
+        if name not in TRACKERS:
+            hint = did_you_mean(name, TRACKERS)
+            bad("train.report_to", f"'{name}' is not a tracker adapterkit reports to" + (f" ({hint})" if hint else ""),
+                f"use none or any of: {', '.join(TRACKERS)}")
+        elif importlib.util.find_spec(TRACKERS[name]) is None:
+            bad("train.report_to", f"'{name}' needs the {TRACKERS[name]} package, which is not installed",
+                f"pip install {TRACKERS[name]} (or train.report_to=none)")
     if not 0 <= a.lora.dropout < 1:
         bad("adapter.lora.dropout", f"{a.lora.dropout!r} is out of range", "use a value in [0, 1)")
     if not 0 <= d.max_dropped <= 1:

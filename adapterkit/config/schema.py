@@ -190,6 +190,11 @@ class TrainConfig:
     """Mixed precision. `auto`: bf16 where the GPU or CPU supports it, fp16 on older GPUs, else fp32."""
     log_every: int = 10
     """Print and log loss, learning rate and tokens/s every N steps."""
+    report_to: str | list[str] = "none"
+    """Experiment trackers, through transformers' own integrations: `none`, `tensorboard`, `wandb`,
+    `trackio`, `mlflow`, or a list. Each logs the loss, learning rate and gradient norm, adapterkit's
+    tokens/s and MFU, and the eval losses; tensorboard writes to OUTPUT_DIR/tensorboard. The tracker's
+    package must be installed (`pip install tensorboard`); wandb runs offline with WANDB_MODE=offline."""
     eval_every: int | None = None
     """Measure the eval loss every N steps (always before and after training when `data.eval` is set)."""
     save_every: int | None = 200

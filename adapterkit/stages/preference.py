@@ -41,7 +41,7 @@ from adapterkit.stages.skeleton import (
     refuse_unusable,
     too_many_dropped,
 )
-from adapterkit.stages.trainer import Auto, build_trainer, guarded_trainer_class, trainer_args
+from adapterkit.stages.trainer import Auto, build_trainer, guarded_trainer_class, tracker_callbacks, trainer_args
 from adapterkit.trained import locate
 
 
@@ -525,7 +525,7 @@ class PreferenceStage:
             processing_class=tokenizer,
             callbacks=[rundir.ProgressLog(out, echo=ctx.echo),
                        DoctorCallback(run.method.family, recipe.stage, recipe.train.lr, echo=ctx.echo),
-                       *ctx.callbacks],
+                       *tracker_callbacks(recipe, out), *ctx.callbacks],
         )
         if (work.start.adapter_dir is None or work.start.merge) and "ref" in getattr(trainer.model, "peft_config", {}):
             # trl copied the new adapter as the frozen reference ("ref"); a new LoRA adapter is a no-op, so

@@ -31,6 +31,7 @@ from adapterkit.stages.trainer import (
     build_trainer,
     guarded_trainer_class,
     packing_isolates_examples,
+    tracker_callbacks,
     trainer_args,
 )
 from adapterkit.trained import locate
@@ -242,7 +243,8 @@ class SFT:
             eval_dataset=datasets.Dataset.from_list(work.evaluation) if work.evaluation else None,
             processing_class=run.tokenizer,
             callbacks=[progress, DoctorCallback(method.family, recipe.stage, recipe.train.lr, echo=ctx.echo,
-                                                phase=lambda: progress.phase), *ctx.callbacks],
+                                                phase=lambda: progress.phase), *tracker_callbacks(recipe, out),
+                       *ctx.callbacks],
         )
         metrics: dict[str, Any] = {"trainable_parameters": trainable, "total_parameters": total}
         previous = rundir.read_manifest(out).get("metrics") or {}

@@ -15,6 +15,7 @@ import torch
 
 from adapterkit import models, rundir
 from adapterkit.config import Recipe
+from adapterkit.config.rules import trackers_of
 from adapterkit.data.formatter import Formatter
 from adapterkit.errors import AdapterkitError, Problem, TrainingStopped
 
@@ -235,6 +236,21 @@ def _holds_weights(model_dir: Path) -> bool:
                 return True
     return False
 
+
+
+def tracker_callbacks(recipe: Recipe, out: Path) -> list[Any]:
+    """transformers' own callbacks for `train.report_to`, to go after the ProgressLog (which adds its
+    tokens/s and MFU to each log, so that the trackers record them too); tensorboard writes to
+    OUTPUT_DIR/tensorboard."""
+    from transformers.integrations import get_reporting_integration_callbacks
+    from transformers.integrations.integration_utils import TensorBoardCallback
+
+    names = trackers_of(recipe.train.report_to)
+    callbacks = [cls() for cls in get_reporting_integration_callbacks(names)] if names else []
+    for callback in callbacks:
+        if isinstance(callback, TensorBoardCallback):
+            callback.logging_dir = str(out / "tensorboard")
+    return callbacks
 
 
 def save_final(trainer: Any, tokenizer: Any, formatter: Formatter, out: Path,
