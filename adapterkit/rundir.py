@@ -388,6 +388,12 @@ class ProgressLog(TrainerCallback):
         self.t0 = self.t_last = time.perf_counter()
         self.tokens_last = state.num_input_tokens_seen or 0
 
+    def on_step_end(self, args, state, control, **kwargs):
+        # The last step is logged even when it is not a multiple of log_every (a run shorter than
+        # log_every would otherwise log no loss at all).
+        if state.max_steps and state.global_step >= state.max_steps:
+            control.should_log = True
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
             return
@@ -423,30 +429,48 @@ class ProgressLog(TrainerCallback):
 
 
 def plot_losses(run_dir: Path) -> Path | None:
-    """loss.png from train_log.jsonl (training loss per step, eval loss points). None if nothing to plot."""
+    """loss.png from train_log.jsonl: the training loss per step with the eval losses as labelled points
+    (before, during and after training), and under it the learning rate and the gradient norm, on
+    integer step ticks. None if nothing to plot."""
     log = run_dir / "train_log.jsonl"
     if not log.exists():
         return None
     rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    train = [r for r in rows if "loss" in r]
+    evals = [(r["step"], r["eval_loss"], r.get("phase", "train")) for r in rows if "eval_loss" in r]
     if not train and not evals:
         return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    lr = [(r["step"], r["lr"]) for r in train if r.get("lr") is not None]
+    norm = [(r["step"], r["grad_norm"]) for r in train if r.get("grad_norm") is not None]
+    panels = 1 + bool(lr) + bool(norm)
+    fig, axes = plt.subplots(panels, 1, figsize=(7, 2.2 + 1.6 * panels), dpi=110, sharex=True,
+                             gridspec_kw={"height_ratios": [3] + [1] * (panels - 1)}, squeeze=False)
+    ax = axes[0][0]
     if train:
-        ax.plot(*zip(*train), label="train loss", lw=1.5)
+        ax.plot([r["step"] for r in train], [r["loss"] for r in train], "-" if len(train) > 1 else "o",
+                label="train loss", lw=1.5)
     if evals:
-        ax.plot(*zip(*evals), "o--", label="eval loss", lw=1.2)
-    ax.set_xlabel("optimizer step")
+        ax.plot([e[0] for e in evals], [e[1] for e in evals], "o--", label="eval loss", lw=1.2)
+        for step, value, phase in evals:
+            if phase in ("before", "after"):
+                ax.annotate(f"{phase} {value:.3f}", (step, value), textcoords="offset points", xytext=(4, 6),
+                            fontsize=8)
     ax.set_ylabel("loss (nats/token)")
     ax.set_title(run_dir.name)
-    ax.grid(alpha=0.3)
     ax.legend()
+    for k, (series, label) in enumerate([(s, n) for s, n in ((lr, "learning rate"), (norm, "grad norm")) if s], 1):
+        axes[k][0].plot(*zip(*series), lw=1.2, color=f"C{k + 1}")
+        axes[k][0].set_ylabel(label, fontsize=8)
+    for (a,) in axes:
+        a.grid(alpha=0.3)
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[-1][0].set_xlabel("optimizer step")
     fig.tight_layout()
     out = run_dir / "loss.png"
     fig.savefig(out)

@@ -34,3 +34,16 @@ def test_an_unknown_tracker_is_refused(capsys, value, needle):
     with pytest.raises(SystemExit) as e:
         main(["recipe", "run", "lora-sentiment", f"train.report_to={value}", "--dry-run"])
     assert e.value.code == 2 and needle in capsys.readouterr().err
+
+
+def test_a_run_shorter_than_log_every_logs_its_last_step_and_plots_lr_and_grad_norm(tmp_path, fast_builtin):
+    import matplotlib.image
+
+    recipe, src = load_recipe("lora-sentiment", ["train.max_steps=3", "train.log_every=10", "train.save_every=null",
+                                                 f"output_dir={tmp_path / 'run'}"])
+    out = run(recipe, src, echo=False).out
+    logged = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if "loss" in r] == [3]
+    assert [r["phase"] for r in logged if "eval_loss" in r] == ["before", "after"]
+    height = matplotlib.image.imread(out / "loss.png").shape[0]
+    assert height == round((2.2 + 1.6 * 3) * 110)  # three panels: loss, learning rate, gradient norm
