@@ -165,18 +165,20 @@ def model_outputs(model: Any, batch: ParityBatch, tokenizer: Any) -> Outputs:
     return Outputs(logits, greedy)
 
 
-def compare(reference: Outputs, exported: Outputs, dtype: str, source: str) -> Parity:
-    """The parity numbers, and whether they are within the tolerance for `dtype`."""
+def compare(reference: Outputs, exported: Outputs, dtype: str, source: str, rtol: float | None = None,
+            greedy_must_match: bool | None = None) -> Parity:
+    """The parity numbers, and whether they are within the tolerance for `dtype` (or `rtol` x the logit
+    scale, and greedy continuations required identical or not, where the caller decides)."""
     shapes_match = all(a.shape == b.shape for a, b in zip(reference.logits, exported.logits))
     diff = max((a - b).abs().max().item() for a, b in zip(reference.logits, exported.logits)) if shapes_match \
         else math.inf
     scale = max(a.abs().max().item() for a in reference.logits)
-    tolerance = RTOL[dtype] * max(1.0, scale)
+    tolerance = (RTOL[dtype] if rtol is None else rtol) * max(1.0, scale)
     identical = sum(g == h for g, h in zip(reference.greedy, exported.greedy))
     positions = sum(max(len(g), len(h)) for g, h in zip(reference.greedy, exported.greedy))
     matching = sum(x == y for g, h in zip(reference.greedy, exported.greedy) for x, y in zip(g, h))
     rows = len(reference.greedy)
-    must_match = GREEDY_MUST_MATCH[dtype]
+    must_match = GREEDY_MUST_MATCH[dtype] if greedy_must_match is None else greedy_must_match
     passed = diff <= tolerance and (identical == rows or not must_match)  # a NaN diff fails too
     return Parity(rows, source, dtype, diff, scale, tolerance, identical, matching / max(positions, 1), must_match,
                   passed)
@@ -244,16 +246,25 @@ def export(path: str | Path, out: str | Path, merge: bool | None = None, dtype: 
         rundir.fsync_dir(out.parent)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        what = rundir.storage_error(e)
-        if what is None:
+        failure = write_failure(e, out)
+        if failure is None:
             raise
-        raise AdapterkitError(Problem(str(out), f"could not write the export: {what}; nothing was written",
-                                      fix="free disk space (or choose an --out on another disk), then run the "
-                                          "export again")) from None
+        raise failure from None
     say(f"parity ({'passed' if parity.passed else 'FAILED, written because of --force'}): {parity.summary()}")
     what = f"{method.name} adapter" if not merging else "merged model" if method.family == "lora" else "model"
     say(f"exported {what} ({target_name}) to {out}")
     return info
+
+
+def write_failure(e: BaseException, out: Path) -> AdapterkitError | None:
+    """The error to raise when writing an export failed for lack of storage (a full disk, no permission),
+    its temp dir already removed; None for any other failure, which propagates as it is."""
+    what = rundir.storage_error(e)
+    if what is None:
+        return None
+    return AdapterkitError(Problem(str(out), f"could not write the export: {what}; nothing was written",
+                                   fix="free disk space (or choose an --out on another disk), then run the export "
+                                       "again"))
 
 
 def _check_arguments(method: MethodSpec, merge: bool | None, dtype: str | None, base: str | None, out: Path,

@@ -554,8 +554,9 @@ def export_gguf(path: str | Path, out: str | Path, quant: str = DEFAULT_QUANT, b
         del reloaded
         gc.collect()
         parity = GgufParity(
-            file=_compare(held, outputs, FILE_RTOL, True, batch.source, "file"),
-            trained=_compare(reference, outputs, QUANT_RTOL[quant], quant == "f32", batch.source, quant),
+            file=hf_export.compare(held, outputs, "file", batch.source, rtol=FILE_RTOL, greedy_must_match=True),
+            trained=hf_export.compare(reference, outputs, quant, batch.source, rtol=QUANT_RTOL[quant],
+                                      greedy_must_match=quant == "f32"),
             **_tokenizer_round_trip(trained, batch, tmp, gguf_name, stops),
             llama_cpp=_llama_cpp(tmp / gguf_name, batch, held))
         info = {
@@ -577,12 +578,10 @@ def export_gguf(path: str | Path, out: str | Path, quant: str = DEFAULT_QUANT, b
         rundir.fsync_dir(out.parent)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        what = rundir.storage_error(e)
-        if what is None:
+        failure = hf_export.write_failure(e, out)
+        if failure is None:
             raise
-        raise AdapterkitError(Problem(str(out), f"could not write the export: {what}; nothing was written",
-                                      fix="free disk space (or choose an --out on another disk), then run the "
-                                          "export again")) from None
+        raise failure from None
     say(f"file check ({'passed' if parity.file.passed else 'FAILED'}): {parity.file.summary()}")
     cost = parity.trained.summary()
     if parity.trained.tolerance == float("inf"):
@@ -607,22 +606,6 @@ def _count(types: dict[str, str]) -> dict[str, int]:
     for kind in types.values():
         counts[kind] = counts.get(kind, 0) + 1
     return counts
-
-
-def _compare(reference: hf_export.Outputs, exported: hf_export.Outputs, rtol: float, greedy_must_match: bool,
-             source: str, label: str) -> hf_export.Parity:
-    shapes = all(a.shape == b.shape for a, b in zip(reference.logits, exported.logits))
-    diff = max((a - b).abs().max().item() for a, b in zip(reference.logits, exported.logits)) if shapes \
-        else float("inf")
-    scale = max(a.abs().max().item() for a in reference.logits)
-    tolerance = rtol * max(1.0, scale)
-    identical = sum(g == h for g, h in zip(reference.greedy, exported.greedy))
-    positions = sum(max(len(g), len(h)) for g, h in zip(reference.greedy, exported.greedy))
-    matching = sum(x == y for g, h in zip(reference.greedy, exported.greedy) for x, y in zip(g, h))
-    rows = len(reference.greedy)
-    passed = diff <= tolerance and (identical == rows or not greedy_must_match)
-    return hf_export.Parity(rows, source, label, diff, scale, tolerance, identical, matching / max(positions, 1),
-                            greedy_must_match, passed)
 
 
 def _load_gguf(directory: Path, name: str, config: Any) -> Any:
