@@ -46,8 +46,7 @@ from adapterkit.trained import Trained, load_trained, locate
 QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0")
 """What the `gguf` package writes itself. K-quants (q4_k_m, ...) need llama.cpp's llama-quantize."""
 DEFAULT_QUANT = "f16"
-LLAMA_QUANTIZE = ("llama-quantize {file} {stem}-Q4_K_M.gguf Q4_K_M   (from llama.cpp; or Q5_K_M, Q6_K, ...), "
-                  "starting from an --quant f16 or f32 export")
+LLAMA_QUANTIZE = "llama-quantize {file} {stem}-{kind}.gguf {kind}   (from llama.cpp), starting from a --quant f16 or f32 export"
 
 # The file must hold the merged weights as rounded by its quant type: reloaded, it reproduces them to float32
 # precision (measured: 0.0 for f32 on tiny models; reordered sums elsewhere), whatever the quant type.
@@ -96,7 +95,7 @@ def check_quant(quant: str) -> str:
         raise ConfigError(Problem("--quant", f"'{quant}' is a llama.cpp K-quant (or i-quant), which the gguf "
                                   "package can read but not write",
                                   fix="export --quant f16 (or f32), then quantise with llama.cpp: "
-                                      + LLAMA_QUANTIZE.format(file="model-f16.gguf", stem="model")))
+                                      + LLAMA_QUANTIZE.format(file="model-f16.gguf", stem="model", kind=q.upper())))
     hint = did_you_mean(q, QUANTS)
     raise ConfigError(Problem("--quant", f"'{quant}' is not a GGUF type adapterkit writes" + (f" ({hint})" if hint else ""),
                               fix=f"use one of: {', '.join(QUANTS)}"))
