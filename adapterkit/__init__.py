@@ -15,18 +15,30 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 __version__ = "0.1.0"
 
 
-def _quiet_bitsandbytes() -> None:
-    """bitsandbytes, on a CPU with AVX512-BF16, tries to fetch a faster 4-bit matmul from the Hugging Face
-    hub through the optional `kernels` package and, when that is not installed, warns on every start
-    ("Failed to load CPU gemm_4bit_forward from kernels-community"). Its own 4-bit path runs instead, which
-    is what adapterkit tests; the line says nothing a user can act on, so it is dropped (only that one)."""
+def _quiet_optional_backends() -> None:
+    """Drop two start-up lines about optional backends that say nothing a user can act on (only those):
+
+    - bitsandbytes, on a CPU with AVX512-BF16, tries to fetch a faster 4-bit matmul from the Hugging Face
+      hub through the optional `kernels` package and, when that is not installed, warns on every start
+      ("Failed to load CPU gemm_4bit_forward from kernels-community"). Its own 4-bit path runs instead,
+      which is what adapterkit tests.
+    - Liger-Kernel warns, the first time each op runs, that its CuTe DSL and Ascend backends "could not
+      be imported"; its Triton backend, the one train.kernels=liger uses, runs instead."""
     import logging
 
-    class _NoKernelsHub(logging.Filter):
+    class _Drop(logging.Filter):
+        def __init__(self, *needles: str) -> None:
+            super().__init__()
+            self.needles = needles
+
         def filter(self, record: logging.LogRecord) -> bool:
-            return "gemm_4bit_forward from kernels-community" not in record.getMessage()
+            message = record.getMessage()
+            return not all(needle in message for needle in self.needles)
 
-    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_NoKernelsHub())
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_Drop("gemm_4bit_forward from kernels-community"))
+    for backend in ("_cutedsl", "_ascend"):
+        logging.getLogger("liger_kernel.backends.registry").addFilter(
+            _Drop(f"liger_kernel.ops.backends.{backend}.", "could not be imported"))
 
 
-_quiet_bitsandbytes()
+_quiet_optional_backends()

@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -21,6 +22,10 @@ FAST_BUILTIN = ["train.max_steps=8", "train.save_every=null", "data.eval=null"]
 
 # Set before any test module imports transformers or huggingface_hub, which read them at import.
 os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+# Triton kernels (adapterkit.kernels, Liger) run on a CPU only under Triton's interpreter, which Triton
+# reads when a kernel is defined: set before any is.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -92,6 +92,9 @@ def _check(recipe: Recipe, src: RecipeSource) -> list[Problem]:
         elif importlib.util.find_spec(TRACKERS[name]) is None:
             bad("train.report_to", f"'{name}' needs the {TRACKERS[name]} package, which is not installed",
                 f"pip install {TRACKERS[name]} (or train.report_to=none)")
+    if t.kernels in ("liger", "both") and importlib.util.find_spec("liger_kernel") is None:
+        bad("train.kernels", f"'{t.kernels}' needs the liger-kernel package, which is not installed",
+            'pip install -e ".[gpu]" (or pip install liger-kernel), or train.kernels=adapterkit|auto|off')
     if not 0 <= a.lora.dropout < 1:
         bad("adapter.lora.dropout", f"{a.lora.dropout!r} is out of range", "use a value in [0, 1)")
     if not 0 <= d.max_dropped <= 1:

@@ -188,6 +188,12 @@ class TrainConfig:
     to CPU RAM when the GPU is full; both CUDA only). `auto`: paged 8-bit for qlora on a GPU, else adamw."""
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     """Mixed precision. `auto`: bf16 where the GPU or CPU supports it, fp16 on older GPUs, else fp32."""
+    kernels: Literal["auto", "off", "adapterkit", "liger", "both"] = "auto"
+    """Training kernels. `adapterkit`: our fused 4-bit LoRA path for qlora (each projection and each
+    gated MLP one autograd function: Triton NF4/FP4 dequantisation in forward and again in backward,
+    less kept for backward); `liger`: Liger-Kernel's RoPE, RMSNorm and SwiGLU (`pip install -e ".[gpu]"`);
+    `both`; `off`. `auto`: off on a CPU; on a CUDA GPU, Liger where it is installed. A kernel that does
+    not apply to the model, method or device is left out with one line; the manifest records what ran."""
     log_every: int = 10
     """Print and log loss, learning rate and tokens/s every N steps."""
     report_to: str | list[str] = "none"

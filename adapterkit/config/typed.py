@@ -47,6 +47,9 @@ def _coerce(value: Any, tp: Any, key: str, src: RecipeSource, problems: list[Pro
     if tp is type(None):
         return None if value is None else _NO
     if origin is Literal:
+        # YAML 1.1 reads a bare `off` (and `on`, `no`, `yes`) as a boolean; a choice named off means it.
+        if isinstance(value, bool) and not value and "off" in typing.get_args(tp):
+            return "off"
         return value if isinstance(value, str) and value in typing.get_args(tp) else _NO
     if tp is bool:
         return value if isinstance(value, bool) else _NO

@@ -508,6 +508,7 @@ class PreferenceStage:
         recipe, work, out, say, dev = run.recipe, run.work, ctx.out, ctx.say, ctx.dev
         tokenizer = run.tokenizer
         model = load_model(run, work.start, dev)
+        use_kernels(model, recipe, run.method.quantized_base, run.auto, dev, say)
         trainable, total = trainable_parameters(model)
         say(f"model: {run.method.name}, {trainable:,} of {total:,} parameters train "
             f"({100 * trainable / total:.3f}%), {dev.type}, {run.precision}")

@@ -33,6 +33,7 @@ from adapterkit.stages.trainer import (
     packing_isolates_examples,
     tracker_callbacks,
     trainer_args,
+    use_kernels,
 )
 from adapterkit.trained import locate
 
@@ -228,6 +229,7 @@ class SFT:
                 rundir.update_manifest(out, packing=isolated, auto=run.auto.to_dict())
         model = method.wrap(model, recipe.adapter, tokenizer_source=tokenizer_source,
                             checkpointing=run.auto.gradient_checkpointing)
+        use_kernels(model, recipe, method.quantized_base, run.auto, ctx.dev, say)
         trainable, total = trainable_parameters(model)
         say(f"model: {method.name}, {trainable:,} of {total:,} parameters train ({100 * trainable / total:.3f}%), "
             f"{ctx.dev.type}, {run.precision}")

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from adapterkit import models, rundir
+from adapterkit import kernels, models, rundir
 from adapterkit.config import Recipe
 from adapterkit.config.rules import trackers_of
 from adapterkit.data.formatter import Formatter
@@ -27,6 +27,8 @@ class Auto:
 
     gradient_checkpointing: bool = False
     packing: bool = False
+    kernels: dict[str, Any] | None = None
+    """What `train.kernels` put into the model (kernels.KernelsRan)."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -50,6 +52,17 @@ def build_trainer(trainer_class: type, model: Any, **kwargs: Any) -> Any:
         elif p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
     return trainer
+
+
+def use_kernels(model: Any, recipe: Recipe, quantized_base: bool, auto: Auto, dev: Any, say: Callable) -> None:
+    """Put `train.kernels` into the wrapped model, say what ran (and each kernel left out, and why),
+    and keep it in `auto` for the manifest. Quiet when `auto` chose nothing."""
+    ran = kernels.apply(model, recipe.train.kernels, quantized_base, dev)
+    auto.kernels = ran.to_dict()
+    if ran.adapterkit or ran.liger or recipe.train.kernels != "auto":
+        say(ran.summary())
+    for note in ran.notes:
+        say(note)
 
 
 def trainer_args(recipe: Recipe, auto: Auto, out: Path, precision: str, dev: Any, has_eval: bool) -> dict[str, Any]:
