@@ -7,6 +7,8 @@ the recipe sets `model.trust_remote_code`.
 
 from __future__ import annotations
 
+import functools
+
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -267,7 +269,42 @@ def load_model(cfg: ModelConfig, source: str, dtype: torch.dtype, quantization_c
                                       f"{type(model).__name__} (bitsandbytes replaces only plain nn.Linear and "
                                       "Conv1D layers), so there is no 4-bit base to train on",
                                       fix="use adapter.method=lora (the same adapters on the unquantised base)"))
+        layers = set(linear_4bit_layers(model))
+        misread = [(n, m) for n, m in model.named_modules()
+                   if m in layers and m.weight.device.type == "cpu" and _partial_rows(m)]
+        if misread and cpu_4bit_misreads_partial_rows():
+            name, layer = misread[0]
+            raise ConfigError(Problem("adapter.method", f"'qlora' on a CPU: this bitsandbytes' CPU 4-bit kernel "
+                                      f"misreads weights whose rows are not a whole number of its "
+                                      f"{layer.weight.quant_state.blocksize}-value blocks, and {len(misread)} layer(s) "
+                                      f"of '{source}' have such rows ({name}: {layer.out_features}x{layer.in_features})"
+                                      "; the 4-bit base would silently compute with wrong weights",
+                                      fix="train this model with qlora on a CUDA GPU, or use adapter.method=lora on "
+                                          "the CPU"))
     return model
+
+
+def _partial_rows(layer: Any) -> bool:
+    state = layer.weight.quant_state
+    return layer.out_features > 1 and layer.in_features % 2 == 0 and layer.in_features % state.blocksize != 0
+
+
+@functools.cache
+def cpu_4bit_misreads_partial_rows() -> bool:
+    """Whether bitsandbytes' CPU `dequantize_4bit` gets a weight whose rows are not whole blocks wrong.
+
+    bitsandbytes 0.50.2's C++ CPU kernel indexes the block scales per row while the storage numbers
+    the blocks over the whole flattened weight: a 2x96 NF4 weight (blocks of 64) comes back with
+    errors 2-5x the quantisation's, where its reference implementation is right. Asked of the library
+    itself (a 2x96 weight, microseconds) rather than of its version number."""
+    import bitsandbytes.functional as F
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+
+    weight = torch.linspace(-1, 1, 2 * 96).reshape(2, 96)
+    packed, state = F.quantize_4bit(weight, blocksize=64, quant_type="nf4")
+    reference = _dequantize_4bit_compute(packed.reshape(-1), state.absmax.float(), F.get_4bit_type("nf4", device="cpu"),
+                                         64, state.shape, torch.float32)
+    return not torch.equal(F.dequantize_4bit(packed, state), reference)
 
 
 def quantization_config(quant: QuantSettings, compute_dtype: torch.dtype) -> Any:

@@ -101,12 +101,13 @@ def _qlora(model_dir: Path, seed: int = 1, **lora) -> torch.nn.Module:
     return model
 
 
-def _loss_and_grads(model, ids, train=True):
+def _loss_and_grads(model, ids, train=True, autocast=False):
     model.train(train)
     model.zero_grad()
     torch.manual_seed(5)  # the same dropout masks for both paths
-    loss = model(input_ids=ids, labels=ids).loss
-    loss.backward()
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=autocast):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()  # outside autocast, as the Trainer runs it
     return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
@@ -133,9 +134,8 @@ def test_fused_path_under_bf16_autocast_matches_peft_within_bf16(family_dirs):
     plain, fused = _qlora(family_dirs("llama"), dropout=0.0), _qlora(family_dirs("llama"), dropout=0.0)
     lora_4bit.fuse(fused)
     ids = torch.randint(0, 500, (2, 19), generator=torch.Generator().manual_seed(0)).to(DEVICE)
-    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
-        loss, grads = _loss_and_grads(plain, ids)
-        fused_loss, fused_grads = _loss_and_grads(fused, ids)
+    loss, grads = _loss_and_grads(plain, ids, autocast=True)
+    fused_loss, fused_grads = _loss_and_grads(fused, ids, autocast=True)
     assert fused_loss == pytest.approx(loss, rel=2e-2)
     for name, g in grads.items():
         cos = torch.nn.functional.cosine_similarity(fused_grads[name].flatten(), g.flatten(), dim=0)
@@ -251,3 +251,39 @@ def test_qlora_recipe_trains_with_liger_in_its_own_process(tmp_path, fast_builti
              if "loss" in json.loads(line)]
     off, _ = _qlora_run(tmp_path, "off", "train.kernels=off", *small)
     assert liger == pytest.approx(off, rel=1e-4)
+
+
+def test_gpu_benchmark_runs_at_tiny_shapes_and_its_kernels_agree(tmp_path, offline_env):
+    out = tmp_path / "gpu_kernels.md"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_kernels.py"
+    done = subprocess.run([sys.executable, str(script), "--tiny", "--out", str(out)], capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert [(r["method"], r["kernels_setting"]) for r in result["training"]] == [
+        ("qlora", "off"), ("qlora", "adapterkit"), ("qlora", "both")]
+    fused = result["training"][1]["kernels"]["adapterkit"]
+    assert fused["layers"] > 0 and fused["mlps"] > 0
+    # two steps each: the same losses with the kernels on and off
+    assert result["training"][1]["losses"] == pytest.approx(result["training"][0]["losses"], rel=1e-4)
+    assert result["alone"] and all(r["same"] for r in result["alone"]), result["alone"]
+    assert "| llama-tiny | qlora | adapterkit |" in out.read_text()
+
+
+def test_fused_path_under_gradient_accumulation_scales_the_loss_by_the_batchs_tokens(tmp_path, fast_builtin):
+    # One step of 4 rows against two accumulated micro-batches of 2 with different token counts: trl's
+    # fused head divides by num_items_in_batch (all supervised tokens of the step), so the gradient is
+    # the same. A per-micro-batch mean would weigh the two halves equally and move the gradient norm.
+    def one_step(name, batch, accum):
+        recipe, src = load_recipe("qlora-qa", ["train.max_steps=1", "train.log_every=1", "train.save_every=null",
+                                               "train.precision=fp32", "data.eval=null", "data.packing=false",
+                                               "adapter.lora.dropout=0", "train.kernels=adapterkit",
+                                               f"train.batch_size={batch}", f"train.grad_accum={accum}",
+                                               f"output_dir={tmp_path / name}"])
+        out = run(recipe, src, echo=False).out
+        return next(json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()
+                    if "grad_norm" in json.loads(line))
+
+    whole, accumulated = one_step("whole", 4, 1), one_step("accumulated", 2, 2)
+    assert accumulated["grad_norm"] == pytest.approx(whole["grad_norm"], rel=1e-4)
+    assert accumulated["loss"] == pytest.approx(whole["loss"], rel=1e-4)

@@ -93,6 +93,24 @@ def test_qlora_weighs_less_than_lora_and_lora_less_than_full(facts_7b):
     assert full.optimizer_state == 8 * LLAMA_2_7B_PARAMETERS
 
 
+def test_the_fused_4bit_path_is_planned_with_what_it_keeps(facts_7b):
+    qlora = ("adapter.method=qlora", "train.gradient_checkpointing=false", "data.max_length=1024")
+    off, fused = plan_7b(facts_7b, *qlora), plan_7b(facts_7b, *qlora, "train.kernels=adapterkit")
+    assert fused.setting["kernels"] == "fused 4-bit LoRA and MLP" and off.setting["kernels"] == "off"
+    tokens = 4 * 1024  # lora-sentiment's micro-batch of 4
+    # Per layer and token: act(gate) (11008 float32) goes, and so do peft's bf16 LoRA input copies (q,
+    # k, v, gate, up, o, down: one each), for one shared float32 input per group (q/k/v, gate/up) and
+    # o_proj's input. Exactly: 32 layers x (4 x 11008 + 22,016) bytes per token.
+    saved = off.activations - fused.activations
+    assert saved == 32 * tokens * (4 * 11008 + 3 * (6 * 4096 + 11008) - (6 * 4096 + 11008 + 3 * 4 * 4096))
+    assert fused.weights == off.weights and fused.lm_head == off.lm_head
+    lora = plan_7b(facts_7b, "adapter.method=lora", "train.kernels=adapterkit")
+    assert lora.setting["kernels"] == "off" and any("for qlora" in n for n in lora.notes)
+    assert lora.activations == plan_7b(facts_7b, "adapter.method=lora").activations
+    # the loss on whole logits, for comparison: logits in bf16, their float32 upcast and gradient
+    assert off.full_logits == (tokens - 4) * 32000 * (2 + 4 + 4)
+
+
 def test_checkpointing_lowers_activations_and_the_peak(facts_7b):
     plain = plan_7b(facts_7b, "data.max_length=2048")
     checkpointed = plan_7b(facts_7b, "data.max_length=2048", "train.gradient_checkpointing=true")

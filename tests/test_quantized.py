@@ -124,3 +124,31 @@ def test_qlora_merge_reads_the_trained_weights_whatever_the_layout(tmp_path, tin
     for name, w in merged.state_dict().items():
         tol = 1e-2 * expected[name].norm() if repacked else 0
         assert (w - expected[name]).norm() <= tol, name
+
+
+def test_qlora_on_a_cpu_refuses_weights_bitsandbytes_cpu_kernel_misreads(tmp_path):
+    """bitsandbytes 0.50.2's CPU kernel dequantises rows that are not whole 64-value blocks wrongly; a
+    4-bit base with such a layer (here an MLP 96 wide) is refused on a CPU instead of training on it."""
+    import bitsandbytes.functional as F
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from adapterkit.errors import ConfigError
+
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=4)
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    weight = torch.randn(64, 96, generator=torch.Generator().manual_seed(0))
+    packed, state = F.quantize_4bit(weight, blocksize=64, quant_type="nf4")
+    reference = _dequantize_4bit_compute(packed.reshape(-1), state.absmax.float(),
+                                         F.get_4bit_type("nf4", device="cpu"), 64, state.shape, torch.float32)
+    kernel_error = (F.dequantize_4bit(packed, state) - weight).abs().max().item()
+    reference_error = (reference - weight).abs().max().item()
+    assert models.cpu_4bit_misreads_partial_rows() == (not torch.equal(F.dequantize_4bit(packed, state), reference))
+    if models.cpu_4bit_misreads_partial_rows():
+        assert kernel_error > 2 * reference_error  # wrong, not merely rounded differently
+        with pytest.raises(ConfigError) as e:
+            _load_4bit(tmp_path)
+        assert "up_proj: 96x64" not in str(e.value) and "x96)" in str(e.value) and "adapter.method=lora" in str(e.value)
+    else:  # a bitsandbytes that reads them right loads the model
+        assert models.linear_4bit_layers(_load_4bit(tmp_path))

@@ -192,8 +192,9 @@ class TrainConfig:
     """Training kernels. `adapterkit`: our fused 4-bit LoRA path for qlora (each projection and each
     gated MLP one autograd function: Triton NF4/FP4 dequantisation in forward and again in backward,
     less kept for backward); `liger`: Liger-Kernel's RoPE, RMSNorm and SwiGLU (`pip install -e ".[gpu]"`);
-    `both`; `off`. `auto`: off on a CPU; on a CUDA GPU, Liger where it is installed. A kernel that does
-    not apply to the model, method or device is left out with one line; the manifest records what ran."""
+    `both`; `off`. `auto`: on a CUDA GPU what benchmarks/gpu_kernels.py has measured to help (nothing
+    yet: no GPU has measured them), off on a CPU. A kernel that does not apply to the model, method or
+    device is left out with one line; the manifest records what ran."""
     log_every: int = 10
     """Print and log loss, learning rate and tokens/s every N steps."""
     report_to: str | list[str] = "none"

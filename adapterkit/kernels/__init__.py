@@ -4,8 +4,8 @@
   as one autograd function that dequantises the NF4/FP4 weight with our Triton kernel (`nf4`) in forward
   and again in backward, and keeps less for backward than peft and bitsandbytes do;
 - `liger`: Liger-Kernel's RoPE, RMSNorm and SwiGLU/GEGLU, on the architectures Liger supports;
-- `both`; `off`; `auto`: off on a CPU, and on a CUDA GPU Liger's kernels where Liger is installed. Our own
-  path stays out of `auto` until a GPU measurement (benchmarks/gpu_kernels.py) shows it helps.
+- `both`; `off`; `auto`: on a CUDA GPU, what benchmarks/gpu_kernels.py has measured to help there
+  (`AUTO_ON_CUDA`); nothing yet, since no GPU has been lent to measure on; off on a CPU.
 
 The loss needs no kernel of its own: trl's trainers (SFT, DPO, KTO) already score the vocabulary in
 tiles through their fused LM head and never build the (batch, seq, vocab) logits, and on a GPU that
@@ -61,24 +61,30 @@ class KernelsRan:
         parts = []
         if self.adapterkit:
             a = self.adapterkit
-            parts.append(f"adapterkit fused 4-bit LoRA on {a['layers']} projections ({a['mlps']} gated MLPs as one "
+            parts.append(f"fused 4-bit LoRA on {a['layers']} projections ({a['mlps']} gated MLPs as one "
                          f"function), dequantised by {a['dequantise']}")
         if self.liger:
             parts.append("liger " + ", ".join(self.liger))
         return f"kernels ({self.setting}): " + ("; ".join(parts) if parts else "none")
 
 
-def _wanted(setting: str, device: torch.device) -> tuple[bool, bool]:
-    """(our fused 4-bit path, Liger) for a setting on a device."""
+AUTO_ON_CUDA: tuple[str, ...] = ()
+"""What `auto` turns on on a CUDA GPU: the kernels benchmarks/gpu_kernels.py has measured to help there.
+Empty: no GPU has been lent to this project yet, so nothing has been measured and `auto` is off."""
+
+
+def wanted(setting: str, device_type: str) -> tuple[bool, bool]:
+    """(our fused 4-bit path, Liger) for a `train.kernels` setting on a device type."""
     if setting == "auto":
-        return False, device.type == "cuda" and liger_installed()
+        on = AUTO_ON_CUDA if device_type == "cuda" else ()
+        return "adapterkit" in on, "liger" in on and liger_installed()
     return setting in ("adapterkit", "both"), setting in ("liger", "both")
 
 
 def apply(model: Any, setting: str, quantized_base: bool, device: torch.device) -> KernelsRan:
     """Put the kernels `setting` asks for into a peft (or plain) model, in place."""
     ran = KernelsRan(setting)
-    ours, liger = _wanted(setting, device)
+    ours, liger = wanted(setting, device.type)
     fused_mlps = False
     if ours and not quantized_base:
         ran.notes.append("train.kernels: the adapterkit kernels are for a 4-bit base (adapter.method=qlora); "

@@ -34,10 +34,11 @@ import torch
 
 from adapterkit.kernels.nf4 import dequantize
 
-GATED_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "Gemma2MLP", "Gemma3MLP")
-"""MLP classes whose forward is `down_proj(act_fn(gate_proj(x)) * up_proj(x))` (checked against the
-eager forward for each in tests/test_kernels.py). Phi-3's MLP fuses gate and up in one matrix: its
-projections are fused one by one."""
+GATED_MLPS = {"llama": "LlamaMLP", "mistral": "MistralMLP", "qwen2": "Qwen2MLP", "qwen3": "Qwen3MLP",
+              "gemma2": "Gemma2MLP", "gemma3_text": "Gemma3MLP"}
+"""Model type: its MLP class, whose forward is `down_proj(act_fn(gate_proj(x)) * up_proj(x))` (checked
+against the eager forward for each in tests/test_kernels.py). Phi-3's MLP fuses gate and up in one
+matrix: its projections are fused one by one, as are GPT-2's, GPT-NeoX's and OPT's."""
 
 
 @dataclass
@@ -52,17 +53,21 @@ class Projection:
     compute_dtype: torch.dtype | None
 
     def dtypes(self, x: torch.Tensor, lora_dtype: torch.dtype) -> tuple[torch.dtype, torch.dtype]:
-        """(base matmul dtype, LoRA branch dtype) for input `x`, as bitsandbytes and peft choose them."""
+        """(base matmul dtype, LoRA branch dtype) for input `x`, as bitsandbytes and peft choose them in
+        forward. Backward runs outside autocast, so the functions keep what forward chose."""
         if torch.is_autocast_enabled(x.device.type):
             half = torch.get_autocast_dtype(x.device.type)
             return half, half
         return self.compute_dtype or x.dtype, lora_dtype
 
 
+Dtypes = tuple[torch.dtype, torch.dtype]
+
+
 def _forward(x: torch.Tensor, p: Projection, a: torch.Tensor, b: torch.Tensor, training: bool
-             ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """(output in x's dtype, dropout mask or None, drop(x) @ A.T) for x of shape (N, in)."""
-    base_dtype, lora_dtype = p.dtypes(x, a.dtype)
+             ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, Dtypes]:
+    """(output in x's dtype, dropout mask or None, drop(x) @ A.T, the dtypes used) for x of shape (N, in)."""
+    base_dtype, lora_dtype = dtypes = p.dtypes(x, a.dtype)
     with torch.autocast(x.device.type, enabled=False):
         y = x.to(base_dtype) @ dequantize(p.packed, p.state, base_dtype).t()  # (N, out)
         if p.bias is not None:
@@ -73,14 +78,15 @@ def _forward(x: torch.Tensor, p: Projection, a: torch.Tensor, b: torch.Tensor, t
             xl, mask = torch.native_dropout(xl, p.dropout, True)  # the same mask as nn.Dropout draws
         xa = xl @ a.to(lora_dtype).t()  # (N, r)
         y = y.to(x.dtype) + ((xa @ b.to(lora_dtype).t()) * p.scaling).to(x.dtype)
-    return y, mask, xa
+    return y, mask, xa, dtypes
 
 
 def _backward(dy: torch.Tensor, x: torch.Tensor, p: Projection, a: torch.Tensor, b: torch.Tensor,
-              mask: torch.Tensor | None, xa: torch.Tensor, needs: tuple[bool, bool, bool]
+              mask: torch.Tensor | None, xa: torch.Tensor, dtypes: Dtypes, needs: tuple[bool, bool, bool]
               ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """(dx, dA, dB) for the output gradient dy (N, out); None where `needs` says it is not wanted."""
-    base_dtype, lora_dtype = p.dtypes(x, a.dtype)
+    """(dx, dA, dB) for the output gradient dy (N, out), in forward's `dtypes`; None where `needs`
+    says it is not wanted."""
+    base_dtype, lora_dtype = dtypes
     dx = da = db = None
     with torch.autocast(x.device.type, enabled=False):
         dyl = dy.to(lora_dtype)
@@ -110,7 +116,7 @@ class LoRA4bitLinear(torch.autograd.Function):
                 training: bool) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        y, mask, xa = _forward(x2, p, a, b, training)
+        y, mask, xa, ctx.dtypes = _forward(x2, p, a, b, training)
         ctx.save_for_backward(x2, a, b, mask, xa)
         ctx.p = p
         return y.reshape(*shape[:-1], y.shape[-1])
@@ -118,7 +124,8 @@ class LoRA4bitLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[Any, ...]:
         x2, a, b, mask, xa = ctx.saved_tensors
-        dx, da, db = _backward(dy.reshape(-1, dy.shape[-1]), x2, ctx.p, a, b, mask, xa, ctx.needs_input_grad[:3])
+        dx, da, db = _backward(dy.reshape(-1, dy.shape[-1]), x2, ctx.p, a, b, mask, xa, ctx.dtypes,
+                               ctx.needs_input_grad[:3])
         return (None if dx is None else dx.reshape(*dy.shape[:-1], x2.shape[-1])), da, db, None, None
 
 
@@ -132,28 +139,30 @@ class LoRA4bitMLP(torch.autograd.Function):
         gate, up, down = projections
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        g, mask_g, xa_g = _forward(x2, gate, ag, bg, training)  # (N, inter)
-        u, mask_u, xa_u = _forward(x2, up, au, bu, training)
-        y, mask_d, xa_d = _forward(act(g) * u, down, ad, bd, training)  # (N, hidden)
+        g, mask_g, xa_g, dt_g = _forward(x2, gate, ag, bg, training)  # (N, inter)
+        u, mask_u, xa_u, dt_u = _forward(x2, up, au, bu, training)
+        y, mask_d, xa_d, dt_d = _forward(act(g) * u, down, ad, bd, training)  # (N, hidden)
         ctx.save_for_backward(x2, g, u, ag, bg, au, bu, ad, bd, mask_g, mask_u, mask_d, xa_g, xa_u, xa_d)
-        ctx.projections, ctx.act = projections, act
+        ctx.projections, ctx.act, ctx.dtypes = projections, act, (dt_g, dt_u, dt_d)
         return y.reshape(*shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[Any, ...]:
         x2, g, u, ag, bg, au, bu, ad, bd, mask_g, mask_u, mask_d, xa_g, xa_u, xa_d = ctx.saved_tensors
         gate, up, down = ctx.projections
+        dt_g, dt_u, dt_d = ctx.dtypes
         needs = ctx.needs_input_grad
         with torch.enable_grad():  # the activation's derivative, whatever the activation
             g_ = g.detach().requires_grad_()
             activated = ctx.act(g_)
         h = activated.detach() * u
-        dh, dad, dbd = _backward(dy.reshape(-1, dy.shape[-1]), h, down, ad, bd, mask_d, xa_d, (True, *needs[5:7]))
+        dh, dad, dbd = _backward(dy.reshape(-1, dy.shape[-1]), h, down, ad, bd, mask_d, xa_d, dt_d,
+                                 (True, *needs[5:7]))
         du = dh * activated.detach()
         (dg,) = torch.autograd.grad(activated, g_, dh * u)
         want_x = needs[0]
-        dxg, dag, dbg = _backward(dg, x2, gate, ag, bg, mask_g, xa_g, (want_x, *needs[1:3]))
-        dxu, dau, dbu = _backward(du, x2, up, au, bu, mask_u, xa_u, (want_x, *needs[3:5]))
+        dxg, dag, dbg = _backward(dg, x2, gate, ag, bg, mask_g, xa_g, dt_g, (want_x, *needs[1:3]))
+        dxu, dau, dbu = _backward(du, x2, up, au, bu, mask_u, xa_u, dt_u, (want_x, *needs[3:5]))
         dx = (dxg + dxu).reshape(*dy.shape[:-1], x2.shape[-1]) if want_x else None
         return dx, dag, dbg, dau, dbu, dad, dbd, None, None, None
 
@@ -245,7 +254,7 @@ def fuse(model: torch.nn.Module) -> Fused:
             else:
                 done.kept[why] += 1
     for module in model.modules():
-        if type(module).__name__ in GATED_MLPS and all(
+        if type(module).__name__ in GATED_MLPS.values() and all(
                 getattr(module, name, None) in eligible for name in ("gate_proj", "up_proj", "down_proj")):
             module.forward = types.MethodType(_mlp_forward, module)
             done.mlps += 1

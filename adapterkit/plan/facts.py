@@ -55,6 +55,8 @@ class Trainable:
     """Values in each trainable tensor."""
     adapted: tuple[tuple[int, int, int], ...] = ()
     """LoRA: (in_features, out_features, r) of each adapted layer."""
+    adapted_names: tuple[str, ...] = ()
+    """LoRA: the module name of each adapted layer within its block (q_proj, down_proj, ...)."""
     what: str = ""
 
     @property
@@ -142,16 +144,17 @@ def trainable(config: Any, adapter: Any, trust_remote_code: bool = False) -> Tra
         from peft.tuners.lora import LoraLayer
 
         model = get_peft_model(model, lora_config(adapter.lora))
-        adapted = tuple((m.in_features, m.out_features, m.r["default"]) for m in model.modules()
-                        if isinstance(m, LoraLayer))
+        layers = [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
+        adapted = tuple((m.in_features, m.out_features, m.r["default"]) for _, m in layers)
+        names = tuple(n.rsplit(".", 1)[-1] for n, _ in layers)
         what = f"LoRA r{adapter.lora.r} on {len(adapted)} modules" + (" + DoRA magnitudes" if adapter.lora.dora else "")
     else:
         # A text-initialised prompt has the same shape as a random one; the tokenizer is not needed here.
         shaped = dataclasses.replace(adapter, prompt=dataclasses.replace(adapter.prompt, init_text=None))
         model = get_peft_model(model, peft_config(shaped, None, config))
-        adapted = ()
+        adapted, names = (), ()
         what = f"{adapter.prompt.num_virtual_tokens} virtual tokens ({adapter.method})"
-    return Trainable(tuple(p.numel() for p in model.parameters() if p.requires_grad), adapted, what)
+    return Trainable(tuple(p.numel() for p in model.parameters() if p.requires_grad), adapted, names, what)
 
 
 class _Vocab:

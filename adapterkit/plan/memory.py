@@ -10,10 +10,11 @@ from typing import Any
 
 import torch
 
-from adapterkit import models
+from adapterkit import kernels, models
 from adapterkit.adapters import METHODS
 from adapterkit.config import Recipe, packs
 from adapterkit.errors import ConfigError, Problem
+from adapterkit.kernels.lora_4bit import GATED_MLPS
 from adapterkit.plan.facts import Architecture, ModelFacts, Trainable
 
 KiB, MiB, GiB = 1024, 1024**2, 1024**3
@@ -104,6 +105,8 @@ class MemoryPlan:
     activations_not_checkpointed: int
     lm_head: int
     """The LM head's logits and loss buffers (trl's fused head: tiles, never the whole logits)."""
+    full_logits: int
+    """What a loss on the whole logits would hold instead (transformers' own forward): for comparison."""
     layer_backward: int
     """One decoder layer's backward: its gradient temporaries (and recomputed activations, with checkpointing)."""
     autocast_copies: int
@@ -219,8 +222,13 @@ def estimate(recipe: Recipe, facts: ModelFacts, device: str = "cuda", padded: bo
         # Packed SFT rows carry a block mask that keeps their examples apart (transformers builds it
         # from the position ids), which costs attention what a padding mask does.
         padded = not (packs(recipe) and recipe.stage == "pretrain")
-    per_layer = _layer_activations(arch, d, full, seq, padded)
-    adapter_terms = _adapter_activations(train, d, a, device)  # all layers together
+    # train.kernels=adapterkit: the fused 4-bit LoRA functions keep less (adapterkit.kernels.lora_4bit).
+    fused = kernels.wanted(t.kernels, device)[0] and method.quantized_base and not a.lora.dora
+    fused_mlp = fused and facts.config.model_type in GATED_MLPS and {"gate_proj", "up_proj", "down_proj"} <= set(
+        train.adapted_names)
+    per_layer = _layer_activations(arch, d, full, seq, padded, fused_mlp)
+    adapter_terms = (_fused_adapter_activations(arch, train, d, a, fused_mlp) if fused
+                     else _adapter_activations(train, d, a, device))  # all layers together
     outside = _outside_layers(arch, d, full)
     mask_once = seqs * seq * seq if padded else 0  # transformers' bool (batch, 1, seq, seq) mask, shared
     saved_plain = tokens * (arch.layers * per_layer + adapter_terms + outside) + mask_once
@@ -281,14 +289,17 @@ def estimate(recipe: Recipe, facts: ModelFacts, device: str = "cuda", padded: bo
     if packs(recipe):
         notes.append("data.packing: planned as micro-batches of full max_length rows")
 
+    if t.kernels in ("adapterkit", "both") and not fused:
+        notes.append("train.kernels: the fused 4-bit LoRA path is for qlora without DoRA; planned without it")
     setting = dict(model=arch.name, method=a.method, device=device, precision=precision,
                    batch_size=t.batch_size, seq_len=seq, grad_accum=t.grad_accum,
-                   gradient_checkpointing=checkpointing, optimizer=opt.name)
+                   gradient_checkpointing=checkpointing, optimizer=opt.name,
+                   kernels="fused 4-bit LoRA" + (" and MLP" if fused_mlp else "") if fused else "off")
     return MemoryPlan(
         setting=setting, parameters=arch.parameters, trainable=train.count, trainable_what=train.what,
         weights=weights, gradients=gradients, optimizer_state=optimizer_state, optimizer_pageable=opt.pageable,
         activations=activations, activations_checkpointed=saved_ckpt, activations_not_checkpointed=saved_plain,
-        lm_head=lm_head, layer_backward=layer_bwd, autocast_copies=autocast_copies,
+        lm_head=lm_head, full_logits=_full_logits(arch, d, tokens - seqs), layer_backward=layer_bwd, autocast_copies=autocast_copies,
         step_temporaries=step_temporaries, forward_backward=forward_backward, optimizer_step=optimizer_step,
         peak=peak, phase=phase, overhead=overhead, total=peak + sum(overhead.values()), notes=notes)
 
@@ -304,8 +315,10 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _layer_activations(arch: Architecture, d: _Dtypes, full: bool, seq: int, padded: bool) -> float:
-    """Bytes per token that one Llama-style decoder layer saves for backward (adapters not included)."""
+def _layer_activations(arch: Architecture, d: _Dtypes, full: bool, seq: int, padded: bool,
+                       fused_mlp: bool = False) -> float:
+    """Bytes per token that one Llama-style decoder layer saves for backward (adapters not included).
+    `fused_mlp`: the MLP is adapterkit's fused function, which keeps gate and up only."""
     h, inter = arch.hidden, arch.intermediate
     q = arch.heads * arch.head_dim
     kv = arch.kv_heads * arch.head_dim
@@ -320,7 +333,7 @@ def _layer_activations(arch: Architecture, d: _Dtypes, full: bool, seq: int, pad
     # per position and small.
     attention = d.compute * (2 * q + 2 * kv) + 4 * arch.heads + mask
     # Gated MLP: SiLU saves its input, the product saves both factors.
-    mlp = 3 * d.linear_out * inter
+    mlp = (2 if fused_mlp else 3) * d.linear_out * inter
     linear_inputs = 0
     if full:
         # Trained linear layers save their input. Under autocast each layer casts the float32 norm output
@@ -343,6 +356,32 @@ def _adapter_activations(train: Trainable, d: _Dtypes, adapter: Any, device: str
     if adapter.lora.dora:
         total += sum(2 * d.linear_out * f_out for f_in, f_out, r in train.adapted)  # base and LoRA results
     return total
+
+
+def _fused_adapter_activations(arch: Architecture, train: Trainable, d: _Dtypes, adapter: Any,
+                               fused_mlp: bool) -> float:
+    """Bytes per token the fused 4-bit LoRA functions of all layers keep: each distinct input once (q, k
+    and v share one, gate and up another; down_proj's is recomputed in a fused MLP), a bool dropout mask
+    per projection, and drop(x) @ A.T (r wide, in the adapter's dtype or autocast's)."""
+    if not train.adapted:
+        return 0
+    mask = 1 if adapter.lora.dropout > 0 else 0
+    lora = d.compute if d.autocast else 4
+    total = sum(mask * f_in + lora * r for f_in, f_out, r in train.adapted)
+    shared = {"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"}
+    for (f_in, _, _), name in zip(train.adapted, train.adapted_names, strict=True):
+        if name == "down_proj" and fused_mlp:
+            continue
+        if not any(name in group for group in shared):
+            total += d.linear_out * f_in  # its own input (o_proj's: attention's output; down_proj's: the product)
+    groups = sum(1 for group in shared if group & set(train.adapted_names))
+    return total + groups * arch.layers * d.norm_out * arch.hidden
+
+
+def _full_logits(arch: Architecture, d: _Dtypes, positions: int) -> int:
+    """What a loss on the whole logits holds at least: the (positions, vocab) logits in the compute dtype,
+    their float32 upcast for the cross-entropy, and the float32 gradient of the logits."""
+    return positions * arch.vocab * (d.compute + 4 + 4)
 
 
 def _outside_layers(arch: Architecture, d: _Dtypes, full: bool) -> float:

@@ -23,7 +23,8 @@ def render(p: MemoryPlan, budget: int | None = None, suggestion: Suggestion | No
         f"memory plan{' for ' + recipe_name if recipe_name else ''}: {s['method']} on {s['model']} "
         f"({p.parameters / 1e6:,.1f}M parameters), on {where}, {s['precision']}",
         f"  micro-batch {s['batch_size']} x {s['seq_len']} tokens, grad_accum {s['grad_accum']}, gradient "
-        f"checkpointing {'on' if s['gradient_checkpointing'] else 'off'}, optimizer {s['optimizer']}",
+        f"checkpointing {'on' if s['gradient_checkpointing'] else 'off'}, optimizer {s['optimizer']}, "
+        f"kernels {s['kernels']}",
         "",
     ]
 
@@ -43,6 +44,10 @@ def render(p: MemoryPlan, budget: int | None = None, suggestion: Suggestion | No
         f"saved for backward; {'without' if ckpt else 'with'} gradient checkpointing: "
         f"{human(p.activations_not_checkpointed if ckpt else p.activations_checkpointed)}")
     row("logits and loss buffers", p.lm_head, "trl's fused LM head works in tiles; the logits are never whole")
+    row("(a loss on the whole logits)", p.full_logits,
+        f"for comparison: the fused head saves {human(p.full_logits - p.lm_head)}" if p.full_logits > p.lm_head
+        else "for comparison: at this size the fused head's fixed tiles hold more than the whole logits",
+        indent=4)
     row("one layer's backward", p.layer_backward, "gradient temporaries" + (" and recomputed activations"
                                                                             if ckpt else ""))
     if p.autocast_copies:
