@@ -18,6 +18,7 @@ from adapterkit import builtin
 from adapterkit.adapters import METHODS
 from adapterkit.config.schema import ModelConfig, QuantSettings
 from adapterkit.errors import AdapterkitError, ConfigError, Problem
+from adapterkit.kernels import nf4
 
 # Llama-style size presets for `model.init: scratch` (parameters excluding embeddings in brackets).
 SIZES: dict[str, dict[str, int]] = {
@@ -298,13 +299,10 @@ def cpu_4bit_misreads_partial_rows() -> bool:
     errors 2-5x the quantisation's, where its reference implementation is right. Asked of the library
     itself (a 2x96 weight, microseconds) rather than of its version number."""
     import bitsandbytes.functional as F
-    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
 
     weight = torch.linspace(-1, 1, 2 * 96).reshape(2, 96)
     packed, state = F.quantize_4bit(weight, blocksize=64, quant_type="nf4")
-    reference = _dequantize_4bit_compute(packed.reshape(-1), state.absmax.float(), F.get_4bit_type("nf4", device="cpu"),
-                                         64, state.shape, torch.float32)
-    return not torch.equal(F.dequantize_4bit(packed, state), reference)
+    return not torch.equal(F.dequantize_4bit(packed, state), nf4.dequantize_reference(packed, state))
 
 
 def quantization_config(quant: QuantSettings, compute_dtype: torch.dtype) -> Any:

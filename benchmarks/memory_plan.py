@@ -94,10 +94,11 @@ def live_tensor_bytes() -> int:
                 if not torch.is_tensor(obj) or obj.device.type == "meta":
                     continue
                 storage = obj.untyped_storage()
+                pointer = storage.data_ptr()  # a FakeTensor (left by torch.compile) has none: it raises
             except (RuntimeError, NotImplementedError):
                 continue
-            if storage.data_ptr():
-                storages[storage.data_ptr()] = storage.nbytes()
+            if pointer:
+                storages[pointer] = storage.nbytes()
     return sum(storages.values())
 
 

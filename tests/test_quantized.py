@@ -130,18 +130,17 @@ def test_qlora_on_a_cpu_refuses_weights_bitsandbytes_cpu_kernel_misreads(tmp_pat
     """bitsandbytes 0.50.2's CPU kernel dequantises rows that are not whole 64-value blocks wrongly; a
     4-bit base with such a layer (here an MLP 96 wide) is refused on a CPU instead of training on it."""
     import bitsandbytes.functional as F
-    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from adapterkit.errors import ConfigError
+    from adapterkit.kernels.nf4 import dequantize_reference
 
     config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
                          num_attention_heads=4, num_key_value_heads=4)
     LlamaForCausalLM(config).save_pretrained(tmp_path)
     weight = torch.randn(64, 96, generator=torch.Generator().manual_seed(0))
     packed, state = F.quantize_4bit(weight, blocksize=64, quant_type="nf4")
-    reference = _dequantize_4bit_compute(packed.reshape(-1), state.absmax.float(),
-                                         F.get_4bit_type("nf4", device="cpu"), 64, state.shape, torch.float32)
+    reference = dequantize_reference(packed, state)
     kernel_error = (F.dequantize_4bit(packed, state) - weight).abs().max().item()
     reference_error = (reference - weight).abs().max().item()
     assert models.cpu_4bit_misreads_partial_rows() == (not torch.equal(F.dequantize_4bit(packed, state), reference))

@@ -107,6 +107,22 @@ def dequantize_triton(packed: torch.Tensor, state: Any, dtype: torch.dtype | Non
     return out if dtype in (None, out.dtype) else out.to(dtype)
 
 
+def dequantize_reference(packed: torch.Tensor, state: Any) -> torch.Tensor:
+    """The dense weight by the storage format's arithmetic in plain torch ops, as bitsandbytes' own
+    reference implementation computes it: slow, and the same on every machine (what the kernel and
+    bitsandbytes' native kernels are checked against)."""
+    from bitsandbytes.functional import dequantize_blockwise
+
+    n = int(torch.Size(state.shape).numel())
+    absmax = state.absmax
+    if state.nested:
+        absmax = dequantize_blockwise(absmax, state.state2) + state.offset
+    nibbles = torch.stack([packed.reshape(-1) >> 4, packed.reshape(-1) & 15], dim=1).reshape(-1)[:n].long()
+    values = _code(state.quant_type, packed.device)[nibbles]  # float32
+    blocks = torch.arange(n, device=packed.device) // state.blocksize
+    return (values * absmax.float()[blocks]).reshape(tuple(state.shape)).to(state.dtype)
+
+
 def dequantize(packed: torch.Tensor, state: Any, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The dense weight of a bitsandbytes 4-bit tensor in `dtype`: by the Triton kernel where Triton runs
     (`triton_runs_on`), else by bitsandbytes. Both give the same bits."""

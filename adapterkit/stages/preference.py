@@ -41,7 +41,14 @@ from adapterkit.stages.skeleton import (
     refuse_unusable,
     too_many_dropped,
 )
-from adapterkit.stages.trainer import Auto, build_trainer, guarded_trainer_class, tracker_callbacks, trainer_args
+from adapterkit.stages.trainer import (
+    Auto,
+    build_trainer,
+    guarded_trainer_class,
+    tracker_callbacks,
+    trainer_args,
+    use_kernels,
+)
 from adapterkit.trained import locate
 
 
