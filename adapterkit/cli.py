@@ -5,6 +5,7 @@
     adapterkit recipe run lora-sentiment train.max_steps=200 output_dir=runs/s1
     adapterkit recipe run my_recipe.yaml model.name_or_path=Qwen/Qwen2.5-0.5B data.train=reviews.csv
     adapterkit data preview my_recipe.yaml
+    adapterkit data clean reviews.jsonl --task sentiment --out reviews.clean.jsonl
     adapterkit eval runs/s1 --data test.jsonl
     adapterkit export runs/s1 --out exported/s1
     adapterkit plan qlora-qa --gpu-memory 12GiB
@@ -28,7 +29,7 @@ app = typer.Typer(help="Fine-tune language models on one GPU (or a CPU): recipes
                        "soft prompts and full fine-tuning.", no_args_is_help=True, pretty_exceptions_show_locals=False,
                   add_completion=False)
 recipe_app = typer.Typer(help="List, show and run recipes.", no_args_is_help=True)
-data_app = typer.Typer(help="Look at data the way training will see it.", no_args_is_help=True)
+data_app = typer.Typer(help="Look at data the way training will see it, and clean it.", no_args_is_help=True)
 app.add_typer(recipe_app, name="recipe")
 app.add_typer(data_app, name="data")
 
@@ -147,6 +148,138 @@ def data_preview(
         typer.echo(typer.style(f"\n--- example {i} ({len(ex['input_ids'])} tokens, {supervised} supervised)",
                                bold=True))
         typer.echo(_marked(tokenizer, ex["input_ids"], ex["labels"], IGNORE))
+
+
+@data_app.command("clean")
+def data_clean(
+    source: str = typer.Argument(..., metavar="IN", help="A data file (jsonl, json, csv, tsv, parquet, txt; .gz too), "
+                                                         "a sample: name or a datasets hub id."),
+    task: str = typer.Option(..., "--task", help="The task the rows are for: its fields are checked and compared."),
+    out: str = typer.Option(..., "--out", help="The cleaned rows (JSONL); the report goes to OUT.report.json."),
+    column: Optional[list[str]] = typer.Option(None, "--column", help="FIELD=COLUMN where a task field has another "
+                                                                      "name in the data (repeatable)."),
+    dedup: bool = typer.Option(True, "--dedup/--no-dedup", help="Drop exact duplicates."),
+    near_duplicates: str = typer.Option("0.85", "--near-duplicates", help="Jaccard similarity (0-1] at which a row "
+                                                                           "is a near duplicate, or off."),
+    min_tokens: Optional[int] = typer.Option(None, "--min-tokens", min=1, help="Drop rows with fewer tokens."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", min=1, help="Drop rows with more tokens."),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="The tokenizer that counts tokens (a hub id "
+                                                                      "or directory): needed for the token limits."),
+    language: Optional[list[str]] = typer.Option(None, "--language", help="Keep only these languages (ISO 639-1: "
+                                                                          "en, de, ...; repeatable or comma-separated)."),
+    language_confidence: float = typer.Option(0.9, "--language-confidence", min=0.0, max=1.0,
+                                              help="Drop a row for its language only when the detector is this sure."),
+    split: str = typer.Option("train", "--split", help="The split of a hub dataset."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Clean a data set for a task, streaming (a file larger than memory works): normalise Unicode and
+    whitespace; drop empty rows, rows with control characters, exact and near duplicates, rows outside
+    the token limits and rows in other languages; report what went and why."""
+    import json
+    from pathlib import Path
+
+    from adapterkit.config import ModelConfig
+    from adapterkit.config import CleanConfig
+    from adapterkit.data.clean import clean_file
+    from adapterkit.data.language import unknown_languages
+    from adapterkit.data.tasks import TASKS
+    from adapterkit.errors import ConfigError, Problem, did_you_mean
+    from adapterkit.models import load_tokenizer
+
+    problems = []
+    if task not in TASKS:
+        hint = did_you_mean(task, TASKS)
+        problems.append(Problem("--task", f"'{task}' is not a task" + (f" ({hint})" if hint else ""),
+                                fix=f"use one of {', '.join(TASKS)}"))
+    columns = {}
+    for item in column or []:
+        key, eq, value = item.partition("=")
+        if not eq or not key or not value:
+            problems.append(Problem("--column", f"'{item}' is not FIELD=COLUMN", fix="e.g. --column answer=answers.text"))
+        else:
+            columns[key] = value
+    near: float | None = None
+    if near_duplicates.lower() not in ("off", "none", "0"):
+        try:
+            near = float(near_duplicates)
+        except ValueError:
+            near = -1.0
+        if not 0 < near <= 1:
+            problems.append(Problem("--near-duplicates", f"'{near_duplicates}' is not a similarity in (0, 1] or off",
+                                    fix="e.g. --near-duplicates 0.85, or --near-duplicates off"))
+    languages = sorted({code.strip() for item in language or [] for code in item.split(",") if code.strip()}) or None
+    for code in unknown_languages(languages or []):
+        problems.append(Problem("--language", f"'{code}' is not a language the detector knows",
+                                fix="use ISO 639-1 codes such as en, de, fr, es, zh"))
+    if min_tokens and max_tokens and min_tokens > max_tokens:
+        problems.append(Problem("--min-tokens", f"{min_tokens} is more than --max-tokens {max_tokens}",
+                                fix="give a minimum below the maximum"))
+    if problems:
+        raise ConfigError(problems)
+    tok = load_tokenizer(ModelConfig(), tokenizer) if tokenizer else None
+    settings = CleanConfig(dedup=dedup, near_duplicates=near, min_tokens=min_tokens, max_tokens=max_tokens,
+                             languages=languages, language_confidence=language_confidence)
+    report = clean_file(source, Path(out), task, columns, settings, tok, say=lambda m: typer.echo(m, err=True),
+                        split=split)
+    typer.echo(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) if as_json else report.table())
+    if not as_json:
+        typer.echo(f"\nwrote {out} ({report.kept:,} rows) and {out}.report.json")
+
+
+@data_app.command("select")
+def data_select(
+    source: str = typer.Argument(..., metavar="IN", help="A data file, a sample: name or a datasets hub id."),
+    scorer: str = typer.Option(..., "--scorer", help="The small model that scores: a run, a model directory, "
+                                                     "builtin:tiny or a hub id."),
+    keep: float = typer.Option(..., "--keep", help="The fraction of the scored rows to keep, in (0, 1]."),
+    out: str = typer.Option(..., "--out", help="The selected rows (JSONL, in input order); scores and report beside."),
+    task: str = typer.Option(..., "--task", help="The task the rows are for (how they are formatted and scored)."),
+    rule: str = typer.Option("lowest_loss", "--rule", help="lowest_loss, middle (drop outliers at both ends) or "
+                                                           "learnability."),
+    column: Optional[list[str]] = typer.Option(None, "--column", help="FIELD=COLUMN (repeatable)."),
+    max_length: int = typer.Option(512, "--max-length", min=8, help="Longest example in tokens, as in training."),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Rows per forward pass."),
+    holdout: float = typer.Option(0.05, "--holdout", help="learnability: the share of rows held out to tune on."),
+    tune_steps: int = typer.Option(40, "--tune-steps", min=1, help="learnability: LoRA steps on the held-out rows."),
+    chunk_rows: int = typer.Option(512, "--chunk-rows", min=1, help="Rows scored between two saves of the scores "
+                                                                    "(what a re-run after a kill skips)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Score every row with a small model and keep a fraction by a rule: lowest loss, the middle (outliers
+    at both ends dropped) or learnability. Batched, with progress; killed and re-run, it resumes from its
+    saved scores and writes the same output."""
+    import json
+    from pathlib import Path
+
+    from adapterkit.data.tasks import TASKS
+    from adapterkit.errors import ConfigError, Problem, did_you_mean
+    from adapterkit.selection import RULES, select_file
+
+    problems = []
+    if task not in TASKS:
+        hint = did_you_mean(task, TASKS)
+        problems.append(Problem("--task", f"'{task}' is not a task" + (f" ({hint})" if hint else ""),
+                                fix=f"use one of {', '.join(TASKS)}"))
+    if rule not in RULES:
+        hint = did_you_mean(rule, RULES)
+        problems.append(Problem("--rule", f"'{rule}' is not a rule" + (f" ({hint})" if hint else ""),
+                                fix=f"use one of {', '.join(RULES)}"))
+    if not 0 < keep <= 1:
+        problems.append(Problem("--keep", f"{keep} is not a fraction in (0, 1]", fix="e.g. --keep 0.7"))
+    columns = {}
+    for item in column or []:
+        key, eq, value = item.partition("=")
+        if not eq or not key or not value:
+            problems.append(Problem("--column", f"'{item}' is not FIELD=COLUMN", fix="e.g. --column text=review"))
+        else:
+            columns[key] = value
+    if problems:
+        raise ConfigError(problems)
+    report = select_file(source, Path(out), scorer, task, keep, rule, columns, max_length, batch_size, holdout,
+                         tune_steps, say=typer.echo, chunk_rows=chunk_rows)
+    typer.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.summary())
+    if not as_json:
+        typer.echo(f"wrote {out} ({report.kept:,} rows), {out}.scores.jsonl and {out}.report.json")
 
 
 @app.command("eval")

@@ -363,7 +363,7 @@ def publish_dir(tmp: Path, final: Path) -> None:
         os.replace(tmp, final)
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
     seconds = int(seconds)
     if seconds >= 3600:
         return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
@@ -419,7 +419,7 @@ class ProgressLog(TrainerCallback):
             lr = logs.get("learning_rate")
             line = (f"train step {state.global_step:>5}/{state.max_steps} | loss {logs['loss']:.4f} | "
                     f"lr {lr if lr is not None else float('nan'):.2e} | {rate:,.0f} tok/s{mfu} | "
-                    f"eta {_duration(eta)}")
+                    f"eta {duration(eta)}")
         else:
             return
         with open(self.path, "a", encoding="utf-8") as f:

@@ -244,9 +244,12 @@ def test_sigterm_and_ctrl_c_mark_the_run_interrupted_and_say_how_to_resume(tmp_p
         out, paused = tmp_path / sig.name, tmp_path / f"{sig.name}.paused"
         env = {**os.environ, "PAUSE_AT_STEP": "3", "PAUSED_FILE": str(paused)}
         env["PYTHONPATH"] = os.pathsep.join([str(HARNESS.parent.parent), env.get("PYTHONPATH", "")])
+        # A shell without job control (a CI runner's `cmd &`) starts background jobs with SIGINT ignored,
+        # and a child inherits that: the run under test gets Ctrl-C's default, as a terminal gives it.
         proc = subprocess.Popen([sys.executable, str(HARNESS), "lora-sentiment",
                                  *overrides(tiny_model_dir, data, out)], env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+                                stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         for _ in range(600):
             if paused.exists() or proc.poll() is not None:
                 break

@@ -8,10 +8,11 @@ import math
 import string
 from typing import Any
 
-from adapterkit.config.schema import DPO_LOSSES, KTO_LOSSES, Recipe
+from adapterkit.config.schema import DPO_LOSSES, KTO_LOSSES, CleanConfig, Recipe
 from adapterkit.adapters import METHODS
 from adapterkit.config.source import RecipeSource
 from adapterkit.config.typed import _where
+from adapterkit.data.language import unknown_languages
 from adapterkit.data.tasks import TASKS  # the task table is the one home of field names
 from adapterkit.errors import Problem, did_you_mean
 
@@ -95,6 +96,19 @@ def _check(recipe: Recipe, src: RecipeSource) -> list[Problem]:
     if t.kernels in ("liger", "both") and importlib.util.find_spec("liger_kernel") is None:
         bad("train.kernels", f"'{t.kernels}' needs the liger-kernel package, which is not installed",
             'pip install -e ".[gpu]" (or pip install liger-kernel), or train.kernels=adapterkit|auto|off')
+    if isinstance(d.clean, CleanConfig):
+        c = d.clean
+        if c.near_duplicates is not None and not 0 < c.near_duplicates <= 1:
+            bad("data.clean.near_duplicates", f"{c.near_duplicates!r} is not a similarity in (0, 1]",
+                "use e.g. 0.85, or null to keep near duplicates")
+        if not 0 <= c.language_confidence <= 1:
+            bad("data.clean.language_confidence", f"{c.language_confidence!r} is out of range", "use a value in [0, 1]")
+        if c.min_tokens and c.max_tokens and c.min_tokens > c.max_tokens:
+            bad("data.clean.min_tokens", f"{c.min_tokens} is more than data.clean.max_tokens={c.max_tokens}",
+                "give a minimum below the maximum")
+        for code in unknown_languages(c.languages or []):
+            bad("data.clean.languages", f"'{code}' is not a language the detector knows",
+                "use ISO 639-1 codes such as en, de, fr, es, zh")
     if not 0 <= a.lora.dropout < 1:
         bad("adapter.lora.dropout", f"{a.lora.dropout!r} is out of range", "use a value in [0, 1)")
     if not 0 <= d.max_dropped <= 1:

@@ -110,6 +110,27 @@ class AdapterConfig:
 
 
 @dataclass
+class CleanConfig:
+    """`data.clean`: clean the training rows before they are formatted, as `adapterkit data clean` cleans
+    a file: Unicode NFC and whitespace normalised; empty rows, rows with control characters (or U+FFFD)
+    and the checks below dropped; what went is reported with the data and in data_report.json."""
+
+    dedup: bool = True
+    """Drop rows whose task fields are exactly those of a row kept before."""
+    near_duplicates: float | None = 0.85
+    """Jaccard similarity (MinHash, datasketch) at which a row is a near duplicate of one kept before;
+    null: keep near duplicates."""
+    min_tokens: int | None = None
+    """Drop rows whose task fields hold fewer tokens (the run's tokenizer counts)."""
+    max_tokens: int | None = None
+    """Drop rows whose task fields hold more tokens."""
+    languages: list[str] | None = None
+    """Keep only rows in these languages (ISO 639-1: en, de, ...; py3langid detects them)."""
+    language_confidence: float = 0.9
+    """Drop a row for its language only when the detector is at least this sure."""
+
+
+@dataclass
 class DataConfig:
     task: Task = "sentiment"
     """How rows are turned into training text; see the README's table of tasks and fields."""
@@ -155,6 +176,9 @@ class DataConfig:
     token within max_length, duplicate) before the run refuses to start."""
     template: str | None = None
     """Plain prompt template overriding the task's, with `{field}` placeholders, e.g. `"Review: {text}\\nLabel:"`."""
+    clean: CleanConfig | bool = False
+    """Clean the training rows first (see CleanConfig): `true` for the defaults, or a mapping of its
+    settings, e.g. `{near_duplicates: 0.9, languages: [en]}`."""
 
 
 @dataclass

@@ -99,6 +99,8 @@ class DataReport:
     labels: Counter = field(default_factory=Counter)
     notes: Counter = field(default_factory=Counter)
     """Rows the formatter had to adapt to the chat template, by what it did."""
+    cleaned: Counter = field(default_factory=Counter)
+    """Rows `data.clean` dropped before formatting, by reason (not in rows_read or max_dropped)."""
 
     def summary(self) -> str:
         dropped = sum(self.dropped.values())
@@ -114,6 +116,8 @@ class DataReport:
             text += f"\n    dropped {n}: {reason}"
         for note, n in sorted(self.notes.items()):
             text += f"\n    {n} rows: {note}"
+        for reason, n in self.cleaned.items():
+            text += f"\n    data.clean dropped {n} first: {reason}"
         if self.labels:
             text += "\n    labels: " + ", ".join(f"{k} {v}" for k, v in sorted(self.labels.items()))
         return text
@@ -121,6 +125,7 @@ class DataReport:
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["dropped"], out["labels"], out["notes"] = dict(self.dropped), dict(self.labels), dict(self.notes)
+        out["cleaned"] = dict(self.cleaned)
         out.pop("needed")
         return out
 

@@ -137,30 +137,36 @@ def _read_txt(path: Path) -> Iterator[RawRow]:
             yield RawRow({"text": "\n".join(paragraph)}, f"{path}:{start}")
 
 
-def _read_hub(source: str, split: str) -> list[RawRow]:
+def _read_hub(source: str, split: str, streaming: bool = False) -> Iterator[RawRow]:
     import datasets
 
     try:
-        ds = datasets.load_dataset(source, split=split)
+        ds = datasets.load_dataset(source, split=split, streaming=streaming)
     except Exception as e:  # offline, unknown id, unknown split: all user-fixable
         raise DataError(Problem(source, f"could not load it as a datasets hub id, split '{split}' ({type(e).__name__}: "
                                 f"{str(e).splitlines()[0] if str(e) else ''})",
                                 fix="check the id, the split (data.train_split / data.eval_split) and the network, "
                                     "or pass a local file")) from None
-    return [RawRow(dict(row), f"{source}[{split}] row {i}") for i, row in enumerate(ds)]
+    return (RawRow(dict(row), f"{source}[{split}] row {i}") for i, row in enumerate(ds))
 
 
 def read_rows(source: str | list[str], split: str, key: str) -> list[RawRow]:
     """Read every row of a data source (file, sample, hub id, or a list of them)."""
     if isinstance(source, list):
         return [row for one in source for row in read_rows(one, split, key)]
+    return list(iter_rows(source, split, key))
+
+
+def iter_rows(source: str, split: str, key: str, streaming: bool = False) -> Iterator[RawRow]:
+    """The rows of one data source, one at a time (a file is never read whole; a hub dataset is
+    downloaded first unless `streaming`). Problems with the source are raised before the first row."""
     if source.startswith("sample:"):
         path = resolve_sample(source)
     else:
         path = Path(source).expanduser()
         if not path.exists():
             if HUB_ID.fullmatch(source) and _format_of(path) not in FORMATS:
-                return _read_hub(source, split)
+                return _read_hub(source, split, streaming)
             siblings = [p.name for p in path.parent.glob("*")] if path.parent.is_dir() else []
             hint = did_you_mean(path.name, siblings)
             raise DataError(Problem(source, "file not found" + (f" ({hint})" if hint else ""), key,
@@ -176,8 +182,12 @@ def read_rows(source: str | list[str], split: str, key: str) -> list[RawRow]:
     if fmt not in readers:
         raise DataError(Problem(str(path), f"unsupported file type '{fmt or path.name}'", key,
                                 fix=f"use one of {', '.join(FORMATS)} (optionally .gz)"))
+    return _reading(readers[fmt](path), path, fmt, key)
+
+
+def _reading(rows: Iterator[RawRow], path: Path, fmt: str, key: str) -> Iterator[RawRow]:
     try:
-        return list(readers[fmt](path))
+        yield from rows
     except UnicodeDecodeError:
         raise DataError(Problem(str(path), "is not UTF-8 text", key,
                                 fix=f"save it as UTF-8, or check it really is a {fmt} file")) from None

@@ -30,6 +30,7 @@ from adapterkit import plan as plan_mod
 from adapterkit.adapters import METHODS, MethodSpec, lora, trainable_parameters
 from adapterkit.config import Recipe, load_recipe
 from adapterkit.data.formatter import OWN_CUE, DataReport, FormatSpec, Formatter
+from adapterkit.data.clean import clean_in_memory
 from adapterkit.data.loading import RawRow, read_rows
 from adapterkit.doctor import DoctorCallback
 from adapterkit.errors import AdapterkitError, ConfigError, DataError, Problem
@@ -175,6 +176,9 @@ def prepare_data(recipe: Recipe, tokenizer: Any, start: Start) -> tuple[Formatte
     """The formatter (in the starting run's template when there is one) and the formatted splits."""
     d = recipe.data
     train_rows = read_rows(d.train, d.train_split, "data.train")
+    cleaned = None
+    if d.clean:
+        train_rows, cleaned = clean_in_memory(train_rows, d, tokenizer, describe_source(d.train))
     probe = Formatter(FormatSpec(task=d.task, mode="plain"), tokenizer, d.columns)
     formatter = Formatter.for_training(d, tokenizer, [], conversational=_conversational(train_rows, probe))
     if start.format is not None:
@@ -186,6 +190,8 @@ def prepare_data(recipe: Recipe, tokenizer: Any, start: Start) -> tuple[Formatte
         spec.system_prompt = d.system_prompt if d.system_prompt is not None else start.format.system_prompt
         formatter = Formatter(spec, tokenizer, d.columns)
     train, report = format_rows(train_rows, formatter, "train", describe_source(d.train))
+    if cleaned is not None:
+        report.cleaned = cleaned.reasons()
     reports = [report]
     refuse_unusable(report, train, d, "train", KEEPS_EVERY_PAIR)
     if recipe.stage == "kto" and len(report.labels) < 2:

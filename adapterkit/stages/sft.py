@@ -21,6 +21,7 @@ from adapterkit import models, perf, rundir
 from adapterkit import plan as plan_mod
 from adapterkit.adapters import METHODS, trainable_parameters
 from adapterkit.config import Recipe, packs
+from adapterkit.data.clean import clean_in_memory
 from adapterkit.data.formatter import DataReport, Formatter, encode_rows, label_set
 from adapterkit.data.loading import RawRow, read_rows
 from adapterkit.doctor import DoctorCallback
@@ -60,9 +61,14 @@ def prepare_data(recipe: Recipe, tokenizer: Any, train_rows: list[RawRow] | None
     d = recipe.data
     if train_rows is None:
         train_rows = read_rows(d.train, d.train_split, "data.train")
+    cleaned = None
+    if d.clean:
+        train_rows, cleaned = clean_in_memory(train_rows, d, tokenizer, describe_source(d.train))
     labels = label_set(train_rows, d)
     formatter = Formatter.for_training(d, tokenizer, labels)
     train, train_report = encode_rows(train_rows, formatter, "train", describe_source(d.train))
+    if cleaned is not None:
+        train_report.cleaned = cleaned.reasons()
     reports = [train_report]
     if train and d.task == "sentiment" and len(train_report.labels) == 1:
         only = next(iter(train_report.labels))

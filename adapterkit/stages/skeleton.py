@@ -52,7 +52,9 @@ def too_many_dropped(report: DataReport, d: Any, source: str,
     reasons = "; ".join(f"{n} {r}" for r, n in sorted(report.dropped.items()))
     by_length = sum(n for r, n in report.dropped.items() if "max_length" in r)
     allow = f"data.max_dropped={min(1.0, round(dropped / report.rows_read + 0.01, 2))}"
-    fix = f"clean the data (see `adapterkit data preview`), or allow more with {allow}"
+    duplicates = any("duplicate" in r for r in report.dropped) and not d.clean
+    fix = (f"drop duplicates (and near duplicates) before formatting with data.clean=true, or allow more with {allow}"
+           if duplicates else f"clean the data (see `adapterkit data preview`), or allow more with {allow}")
     length = report.max_length_keeping(1 - d.max_dropped) if by_length else None
     if length is not None and length > d.max_length:
         full = report.max_length_keeping(1.0)
