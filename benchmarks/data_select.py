@@ -46,8 +46,8 @@ def train(subset: Path, dev: Path, task: str, seed: int, steps: int, eval_every:
     recipe, src = load_recipe("lora-sentiment", [
         f"data.task={task}", f"data.train={subset}", f"data.eval={dev}", f"train.max_steps={steps}",
         f"train.eval_every={eval_every}", "train.save_every=null", f"train.seed={seed}", "train.log_every=10",
-        # the task metrics: accuracy on all 200 dev rows for SST-2; generation is slow, so 50 rows
-        f"eval.limit={200 if task == 'sentiment' else 50}", f"output_dir={out}"])
+        # the task metrics: accuracy on all 200 dev rows for SST-2; generating completions is slow, so 20 rows
+        f"eval.limit={200 if task == 'sentiment' else 20}", f"output_dir={out}"])
     result = run(recipe, src, echo=False)
     logged = [json.loads(x) for x in (result.out / "train_log.jsonl").read_text().splitlines()]
     curve = [(r["step"], r["eval_loss"]) for r in logged if "eval_loss" in r]
