@@ -191,13 +191,7 @@ def data_clean(
         hint = did_you_mean(task, TASKS)
         problems.append(Problem("--task", f"'{task}' is not a task" + (f" ({hint})" if hint else ""),
                                 fix=f"use one of {', '.join(TASKS)}"))
-    columns = {}
-    for item in column or []:
-        key, eq, value = item.partition("=")
-        if not eq or not key or not value:
-            problems.append(Problem("--column", f"'{item}' is not FIELD=COLUMN", fix="e.g. --column answer=answers.text"))
-        else:
-            columns[key] = value
+    columns = _columns(column, problems)
     near: float | None = None
     if near_duplicates.lower() not in ("off", "none", "0"):
         try:
@@ -266,13 +260,7 @@ def data_select(
                                 fix=f"use one of {', '.join(RULES)}"))
     if not 0 < keep <= 1:
         problems.append(Problem("--keep", f"{keep} is not a fraction in (0, 1]", fix="e.g. --keep 0.7"))
-    columns = {}
-    for item in column or []:
-        key, eq, value = item.partition("=")
-        if not eq or not key or not value:
-            problems.append(Problem("--column", f"'{item}' is not FIELD=COLUMN", fix="e.g. --column text=review"))
-        else:
-            columns[key] = value
+    columns = _columns(column, problems)
     if problems:
         raise ConfigError(problems)
     report = select_file(source, Path(out), scorer, task, keep, rule, columns, max_length, batch_size, holdout,
@@ -430,6 +418,20 @@ def methods_command(
     config_path = model if model.endswith(".json") else None
     rows = methods_table(model, overrides or [], device, budget, config_path)
     typer.echo(json.dumps([r.to_dict() for r in rows], indent=2) if as_json else render_table(rows, model, device, budget))
+
+
+def _columns(items: list[str] | None, problems: list[Any]) -> dict[str, str]:
+    """`--column FIELD=COLUMN` options as a mapping; a malformed one is added to `problems`."""
+    from adapterkit.errors import Problem
+
+    columns = {}
+    for item in items or []:
+        key, eq, value = item.partition("=")
+        if not eq or not key or not value:
+            problems.append(Problem("--column", f"'{item}' is not FIELD=COLUMN", fix="e.g. --column text=review"))
+        else:
+            columns[key] = value
+    return columns
 
 
 def _marked(tokenizer, ids: list[int], labels: list[int], ignore: int) -> str:
