@@ -314,18 +314,20 @@ def compare(results: dict[str, tuple[dict[str, float], list[dict] | None]], exam
 
 def metrics_table(summary: dict[str, Any]) -> str:
     """A markdown table: one row per metric, a column per model, and the change when there are two."""
-    names = [n for n in ("base", "tuned", "model") if n in summary]
+    names = [n for n in ("teacher", "base", "tuned", "model") if n in summary]
     keys = list(dict.fromkeys(k for n in names for k in summary[n]))
-    head = "| metric | " + " | ".join(names) + (" | change |" if len(names) == 2 else " |")
-    lines = [head, "|" + "---|" * (len(names) + 1 + (len(names) == 2))]
+    change = "base" in names and "tuned" in names  # from the starting model to the tuned one
+    head = "| metric | " + " | ".join(names) + (" | change |" if change else " |")
+    lines = [head, "|" + "---|" * (len(names) + 1 + change)]
     for key in keys:
         vals = [summary[n].get(key) for n in names]
         cells = [f"{v:.2f}" if v is not None else "-" for v in vals]
-        if len(names) == 2 and None not in vals:
-            delta = vals[1] - vals[0]
+        before, after = (summary["base"].get(key), summary["tuned"].get(key)) if change else (None, None)
+        if change and None not in (before, after):
+            delta = after - before
             better = delta < 0 if key in LOWER_IS_BETTER else delta > 0
             cells.append(f"{delta:+.2f}" + (" (better)" if better and delta else ""))
-        elif len(names) == 2:
+        elif change:
             cells.append("-")
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

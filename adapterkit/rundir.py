@@ -370,6 +370,10 @@ def duration(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
+LOSS_PARTS = {"label_loss": "labels", "distill_loss": "teacher"}
+"""Parts of a stage's loss that the trainer logs beside it, and their names on the progress line."""
+
+
 class ProgressLog(TrainerCallback):
     """Prints one line per logging step (step, loss, lr, tokens/s, MFU, ETA) and appends it to
     train_log.jsonl. Tokens are non-padding tokens, summed over processes; MFU (see perf.py) is shown
@@ -417,7 +421,11 @@ class ProgressLog(TrainerCallback):
             done = state.global_step / max(state.max_steps, 1)
             eta = (t - self.t0) / done * (1 - done) if done > 0 else 0.0
             lr = logs.get("learning_rate")
-            line = (f"train step {state.global_step:>5}/{state.max_steps} | loss {logs['loss']:.4f} | "
+            # A loss made of parts (distill: the labels' and the teacher's) shows them too.
+            parts = {k: logs[k] for k in LOSS_PARTS if k in logs}
+            row.update(parts)
+            shown = "".join(f" ({', '.join(f'{LOSS_PARTS[k]} {v:.4f}' for k, v in parts.items())})" if parts else "")
+            line = (f"train step {state.global_step:>5}/{state.max_steps} | loss {logs['loss']:.4f}{shown} | "
                     f"lr {lr if lr is not None else float('nan'):.2e} | {rate:,.0f} tok/s{mfu} | "
                     f"eta {duration(eta)}")
         else:

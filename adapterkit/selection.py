@@ -34,10 +34,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
 
-from adapterkit import models, rundir, stages, trained
-from adapterkit.config import DataConfig, ModelConfig, load_recipe
+from adapterkit import rundir, stages, trained
+from adapterkit.config import DataConfig, load_recipe
 from adapterkit.data.formatter import Formatter, FormatSpec, TemplateRejected, label_set
 from adapterkit.data.loading import RawRow, iter_rows
 from adapterkit.errors import ConfigError, DataError, Problem
@@ -129,18 +128,10 @@ class Scorer:
 
 def _load_scorer(source: str) -> tuple[Any, Any, FormatSpec | None]:
     """(model in eval mode, tokenizer, the run's format spec or None) for a run, a model directory,
-    `builtin:NAME` or a hub id."""
+    `builtin:NAME` (built first if need be) or a hub id."""
     if source.startswith("builtin:"):
         source = str(stages.build_builtin(source.removeprefix("builtin:")))
-    if Path(source).expanduser().exists():
-        t = trained.load_trained(source)
-        return t.model, t.tokenizer, t.spec
-    cfg = ModelConfig(name_or_path=source)
-    tokenizer = models.load_tokenizer(cfg, source)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = models.load_model(cfg, source, torch.float32).to(models.device())
-    return model.eval(), tokenizer, None
+    return trained.load_reference(source, "--scorer")
 
 
 def _fingerprint(source: str, parts: list[Any]) -> str:

@@ -111,6 +111,44 @@ def load_trained(path: str | Path, dev: torch.device | None = None, dtype: torch
     return Trained(model, tokenizer, model_dir, run_dir, recipe, manifest, spec, method, base_source, dtype)
 
 
+def load_reference(source: str, key: str, dev: torch.device | None = None) -> tuple[Any, Any, FormatSpec | None]:
+    """(model in eval mode, tokenizer, the run's format spec or None) for a model that supervises or
+    scores another: a run, a model directory, a built `builtin:NAME` or a hub id. `key` names the
+    setting it came from, for errors."""
+    if Path(source).expanduser().exists():
+        t = load_trained(source, dev)
+        return t.model, t.tokenizer, t.spec
+    cfg = ModelConfig(name_or_path=source)
+    where = models.model_source(cfg) if source.startswith("builtin:") else _hub_source(source, key)
+    tokenizer = models.load_tokenizer(cfg, where)
+    model = models.load_model(cfg, where, torch.float32).to(dev or models.device())
+    return model.eval(), tokenizer, None
+
+
+def reference_tokenizer(source: str, key: str) -> tuple[Any, FormatSpec | None]:
+    """The tokenizer (and format spec) of what `load_reference` would load, without its weights."""
+    from transformers import AutoTokenizer
+
+    if Path(source).expanduser().exists():
+        _, model_dir = locate(source)
+        spec = (FormatSpec(**json.loads((model_dir / "format.json").read_text()))
+                if (model_dir / "format.json").is_file() else None)
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return tokenizer, spec
+    cfg = ModelConfig(name_or_path=source)
+    where = models.model_source(cfg) if source.startswith("builtin:") else _hub_source(source, key)
+    return models.load_tokenizer(cfg, where), None
+
+
+def _hub_source(source: str, key: str) -> str:
+    if models._looks_local(source):
+        raise AdapterkitError(Problem(key, f"'{source}' does not exist", fix="pass a run directory, a model "
+                                      "directory or a hub id"))
+    return source
+
+
 def _saved_dtype(model_dir: Path) -> torch.dtype:
     """The dtype a full model was saved in (config.json's `dtype`), float32 if it does not say."""
     cfg = json.loads((model_dir / "config.json").read_text())

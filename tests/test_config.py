@@ -52,13 +52,16 @@ def test_shipped_recipe_validates_and_opens_with_its_command(name):
 def test_shipped_pipeline_validates_every_stage_and_opens_with_its_command(name):
     path = shipped()[name]
     assert path.read_text().splitlines()[0] == f"# adapterkit recipe run {name}"
-    stages = resolve(load_pipeline(path, ["train.max_steps=5", "dpo.preference.beta=0.3"]))
+    last = load_pipeline(path, []).stages[-1].name
+    stages = resolve(load_pipeline(path, ["train.max_steps=5", f"{last}.train.seed=7"]))
     assert [r.train.max_steps for _, r, _, _ in stages] == [5] * len(stages)
-    assert stages[-1][1].preference.beta == 0.3 and stages[0][1].preference.beta == 0.1
-    # Each stage starts from the one before: whole weights after pretraining, the run after an adapter.
+    assert stages[-1][1].train.seed == 7 and stages[0][1].train.seed == 42  # a stage's own override
+    # Each stage starts from the one before: whole weights after pretraining, the run after an adapter;
+    # a distill stage takes it as its teacher.
     for (_, prev, _, _), (_, recipe, _, came_from) in zip(stages, stages[1:]):
         assert came_from == prev.output_dir
-        assert recipe.model.from_run == prev.output_dir or recipe.model.name_or_path == f"{prev.output_dir}/model"
+        assert (recipe.model.from_run == prev.output_dir or recipe.model.name_or_path == f"{prev.output_dir}/model"
+                or recipe.distill.teacher == prev.output_dir)
 
 
 @pytest.mark.parametrize("name", RECIPES)

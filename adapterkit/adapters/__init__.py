@@ -44,7 +44,7 @@ class MethodSpec:
     """The `adapter.*` sections the method reads; a saved recipe leaves the others out."""
     prompt_options: tuple[str, ...] = ()
     """The `adapter.prompt.*` options beyond num_virtual_tokens that the method reads."""
-    stages: tuple[str, ...] = ("pretrain", "sft", "dpo", "kto")
+    stages: tuple[str, ...] = ("pretrain", "sft", "dpo", "kto", "distill")
     """The stages that can train it."""
     can_pack: bool = True
     """Whether packed examples can share a row (not when a soft prompt is prepended to each sequence)."""
@@ -71,12 +71,12 @@ METHODS: dict[str, MethodSpec] = {
                         sections=("lora", "quant"), continues=lora.continue_training),
     "prompt_tuning": MethodSpec("prompt_tuning", "soft_prompt", trains_base=False, quantized_base=False,
                                 wrap=soft_prompt.wrap, sections=("prompt",), prompt_options=("init_text",),
-                                stages=("sft",), can_pack=False, adds_positions=True),
+                                stages=("sft", "distill"), can_pack=False, adds_positions=True),
     "prefix_tuning": MethodSpec("prefix_tuning", "soft_prompt", trains_base=False, quantized_base=False,
-                                wrap=soft_prompt.wrap, sections=("prompt",), stages=("sft",), can_pack=False,
+                                wrap=soft_prompt.wrap, sections=("prompt",), stages=("sft", "distill"), can_pack=False,
                                 can_checkpoint=False),
     "p_tuning": MethodSpec("p_tuning", "soft_prompt", trains_base=False, quantized_base=False, wrap=soft_prompt.wrap,
-                           sections=("prompt",), prompt_options=("encoder_hidden_size",), stages=("sft",),
+                           sections=("prompt",), prompt_options=("encoder_hidden_size",), stages=("sft", "distill"),
                            can_pack=False, adds_positions=True),
 }
 

@@ -88,6 +88,8 @@ def dump_recipe(recipe: Recipe) -> str:
         del data["model"]["architecture"]
     if recipe.stage not in ("dpo", "kto"):
         del data["preference"]
+    if recipe.stage != "distill":
+        del data["distill"]
     if recipe.model.from_run is not None:
         del data["model"]["name_or_path"]  # the run decides the model
     return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)

@@ -52,6 +52,39 @@ def trackers_of(report_to: str | list[str]) -> list[str]:
     return [n for n in names if n != "none"]
 
 
+def _check_distill(recipe: Recipe, src: RecipeSource, bad: Any) -> None:
+    """The distill stage's section: a teacher, losses and weights in range, a cache that can be kept."""
+    k = recipe.distill
+    if recipe.stage != "distill":
+        if any(key == "distill" or key.startswith("distill.") for key in src.where):
+            bad("distill", f"is set but the stage is '{recipe.stage}'", "remove distill, or set stage: distill")
+        return
+    if not k.teacher:
+        bad("distill.teacher", "the distill stage needs a teacher",
+            "set distill.teacher to a run directory, a model directory or a hub id (with the student's tokenizer)")
+    if k.temperature <= 0:
+        bad("distill.temperature", f"{k.temperature!r} must be positive", "use e.g. 1.0 or 2.0")
+    if not 0 <= k.label_weight <= 1:
+        bad("distill.label_weight", f"{k.label_weight!r} is out of range",
+            "use a weight in [0, 1] (0: the teacher alone, 1: the labels alone)")
+    if not 0 < k.jsd_beta < 1:
+        bad("distill.jsd_beta", f"{k.jsd_beta!r} is out of range", "use a value in (0, 1); 0 and 1 are "
+            "distill.loss=forward_kl and reverse_kl")
+    if not 0 <= k.confidence < 1:
+        bad("distill.confidence", f"{k.confidence!r} is out of range", "use a weight in [0, 1), e.g. 0.75")
+    if k.top_k is not None and k.top_k < 1:
+        bad("distill.top_k", f"{k.top_k!r} is too small", "use e.g. 50, or null for the whole distribution")
+    if k.cache and k.top_k is None:
+        bad("distill.cache", "a cache keeps the teacher's top-k tokens, but distill.top_k is null",
+            "set distill.top_k (e.g. 50), or distill.cache=false to run the teacher on every batch")
+    if k.label_weight == 1 and k.confidence == 0:
+        bad("distill.label_weight", "1 trains on the labels alone: the teacher would run for nothing",
+            "use a weight below 1, or stage: sft")
+    if recipe.data.packing is True:
+        bad("data.packing", "the distill stage does not pack examples (the teacher's positions are per row)",
+            "set data.packing=false (or auto)")
+
+
 def _check(recipe: Recipe, src: RecipeSource) -> list[Problem]:
 
     problems: list[Problem] = []
@@ -167,6 +200,7 @@ def _check(recipe: Recipe, src: RecipeSource) -> list[Problem]:
         bad("preference.label_smoothing", f"{recipe.preference.label_smoothing!r} is out of range",
             "use a value in [0, 0.5)")
     at_least("preference.beta", recipe.preference.beta, 1e-9)
+    _check_distill(recipe, src, bad)
     # A run given on the command line replaces the file's model; both given in one place is a mistake.
     named_where = src.where.get("model.name_or_path", "")
     if m.from_run is not None and named_where and (named_where.startswith("override")

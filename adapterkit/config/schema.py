@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-Stage = Literal["pretrain", "sft", "dpo", "kto"]
+Stage = Literal["pretrain", "sft", "dpo", "kto", "distill"]
 Method = Literal["full", "lora", "qlora", "prompt_tuning", "prefix_tuning", "p_tuning"]
 Task = Literal["qa", "summarization", "translation", "generation", "sentiment", "text", "chat", "preference",
                "unpaired"]
@@ -263,6 +263,39 @@ class PreferenceConfig:
 
 
 @dataclass
+class DistillConfig:
+    """The distill stage: a teacher's token distributions supervise the student (the recipe's model,
+    trained with its adapter method) on the recipe's data, mixed with the labels' cross-entropy."""
+
+    teacher: str | None = None
+    """The teacher: a run directory (an adapter run is its base with the adapter), a model directory or
+    a hub id. It must use the student's tokenizer (same vocabulary and ids), or the stage refuses."""
+    loss: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
+    """`forward_kl`: KL(teacher || student), the classic soft-label loss (the student covers every token the
+    teacher likes); `reverse_kl`: KL(student || teacher), mode seeking (MiniLLM); `jsd`: the generalised
+    Jensen-Shannon divergence with jsd_beta (as trl's GKD defines it)."""
+    jsd_beta: float = 0.5
+    """`jsd` only: the mixture's weight on the teacher, in (0, 1)."""
+    temperature: float = 1.0
+    """Both distributions are softened by this temperature before the divergence, which is scaled by
+    temperature squared (Hinton et al.), so its gradient keeps the labels' scale."""
+    label_weight: float = 0.5
+    """Weight of the labels' cross-entropy; the distillation term gets 1 - label_weight. 0: the teacher
+    alone (weak-to-strong, where the labels are not to be trusted); 1: plain sft."""
+    top_k: int | None = 50
+    """Keep the teacher's top-k tokens at each position, with the rest of its probability as one bucket
+    (the divergence is taken over those k + 1 outcomes); null: the whole distribution (on the fly only)."""
+    cache: bool = False
+    """Run the teacher over the training rows once before training and keep its top-k log-probabilities on
+    disk (under the adapterkit cache, keyed by teacher, data, top_k and temperature), so the teacher is
+    never in memory beside the student and a later run reuses them. Off: the teacher runs on every batch."""
+    confidence: float = 0.0
+    """Weak-to-strong: the weight of the auxiliary confidence loss (Burns et al. 2023), cross-entropy
+    against the student's own hardened (argmax) predictions, mixed into the distillation term and warmed
+    up linearly over the first 20% of the steps. 0: off; the paper used 0.75."""
+
+
+@dataclass
 class EvalConfig:
     """Task evaluation of the starting and the tuned model on `data.eval` (sft runs), and of `adapterkit eval`."""
 
@@ -279,7 +312,8 @@ class EvalConfig:
 class Recipe:
     stage: Stage = "sft"
     """`pretrain` (causal LM on raw text, every token supervised), `sft` (supervised fine-tuning), `dpo`
-    (preference pairs) or `kto` (unpaired desirable/undesirable examples)."""
+    (preference pairs), `kto` (unpaired desirable/undesirable examples) or `distill` (a teacher's token
+    distributions supervise the model; see `distill`)."""
     description: str = ""
     """One line shown by `adapterkit recipe list`."""
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -287,6 +321,7 @@ class Recipe:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     preference: PreferenceConfig = field(default_factory=PreferenceConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output_dir: str | None = None
     """Where the run is written. Unset: `runs/<recipe name>`."""

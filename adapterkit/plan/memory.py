@@ -187,6 +187,10 @@ def estimate(recipe: Recipe, facts: ModelFacts, device: str = "cuda", padded: bo
     tokens = seqs * seq
     if recipe.stage in ("dpo", "kto"):
         notes.append(f"stage {recipe.stage}: planned as 2 sequences per example with the sft formula (not measured)")
+    if recipe.stage == "distill":
+        notes.append("stage distill: planned as sft; not counted: "
+                     + ("" if recipe.distill.cache else "the teacher's weights (it runs beside the student), ")
+                     + "both models' logits at the supervised positions (the loss takes full-vocabulary softmaxes)")
 
     # Weights, by kind.
     weights: dict[str, int] = {}

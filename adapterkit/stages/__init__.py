@@ -4,6 +4,7 @@
 - `trainer.py`: the trainer pieces they share (TrainingArguments, guarded trl trainers, packing, saving).
 - `sft.py`: `pretrain` and `sft` (trl's SFTTrainer).
 - `preference.py`: `dpo` and `kto` (trl's DPOTrainer and KTOTrainer), usually after an SFT run.
+- `distill.py`: `distill` (a teacher's token distributions supervise the student, on sft's trainer).
 - `pipeline.py`: a pipeline recipe, several stages in order, each starting from the one before.
 
 Adding a stage is one new file with a class that has `resolve`, `prepare`, `train` and `finish` (see
@@ -22,7 +23,7 @@ from typing import Any
 
 from adapterkit import builtin, models
 from adapterkit.config import Recipe, RecipeSource
-from adapterkit.stages import preference, sft
+from adapterkit.stages import distill, preference, sft
 from adapterkit.stages.skeleton import RunResult, Stage, run_stage
 
 STAGES: dict[str, Stage] = {
@@ -30,6 +31,7 @@ STAGES: dict[str, Stage] = {
     "sft": sft.STAGE,
     "dpo": preference.STAGE,
     "kto": preference.STAGE,
+    "distill": distill.STAGE,
 }
 
 # What torchrun (and so `accelerate launch`) tells each process about the process group.
@@ -45,10 +47,14 @@ def run(recipe: Recipe, src: RecipeSource, **kwargs: Any) -> RunResult:
 
 
 def ensure_base(recipe: Recipe) -> None:
-    """Build the recipe's `builtin:` base if it is one and is not cached yet."""
+    """Build the recipe's `builtin:` base (and a distill stage's `builtin:` teacher) if it is one and is
+    not cached yet."""
     name = recipe.model.name_or_path
     if recipe.model.from_run is None and recipe.model.init != "scratch" and name.startswith("builtin:"):
         build_builtin(name.removeprefix("builtin:"))
+    teacher = recipe.distill.teacher or ""
+    if recipe.stage == "distill" and teacher.startswith("builtin:"):
+        build_builtin(teacher.removeprefix("builtin:"))
 
 
 def build_builtin(name: str, overrides: list[str] | None = None) -> Path:

@@ -7,7 +7,7 @@
 A pipeline file lists stages (`name`, `recipe`: a shipped name or a path relative to the file,
 `overrides`). Stage k+1 starts from stage k: from its weights (`model.name_or_path=<k>/model`) after
 pretraining or full fine-tuning, from the run itself (`model.from_run=<k>`, the adapter continues)
-after LoRA/QLoRA. Every stage is validated before the first one starts. Each stage writes its own
+after LoRA/QLoRA; a distill stage takes stage k as its teacher (`distill.teacher=<k>`). Every stage is validated before the first one starts. Each stage writes its own
 run directory under the pipeline's output_dir, with the run it started from in its manifest
 (`lineage`); `pipeline.json` lists the stages and their status. Re-running the command skips
 completed stages and resumes an interrupted one.
@@ -23,7 +23,7 @@ import yaml
 
 from adapterkit import models, rundir
 from adapterkit.adapters import METHODS
-from adapterkit.config import Recipe, RecipeSource, load_recipe, saved_recipe
+from adapterkit.config import Recipe, RecipeSource, find_recipe, load_recipe, saved_recipe
 from adapterkit.errors import ConfigError, Problem, did_you_mean
 from adapterkit.stages import STAGES
 from adapterkit.stages import run as run_recipe
@@ -106,7 +106,10 @@ def resolve(pipeline: Pipeline) -> list[tuple[Step, Recipe, RecipeSource, str | 
     out, previous, problems = [], None, []
     for stage in pipeline.stages:
         chain: list[str] = [f"output_dir={pipeline.output_dir / stage.name}"]
-        if previous is not None:
+        if previous is not None and _distills(stage):
+            # A distill stage learns from the one before: it is the teacher, the student is its own model.
+            chain.append(f"distill.teacher={pipeline.output_dir / previous[0].name}")
+        elif previous is not None:
             prev_stage, prev_recipe = previous
             prev_dir = pipeline.output_dir / prev_stage.name
             method = METHODS[prev_recipe.adapter.method]
@@ -127,6 +130,18 @@ def resolve(pipeline: Pipeline) -> list[tuple[Step, Recipe, RecipeSource, str | 
     if problems:
         raise ConfigError(problems, title=f"pipeline '{pipeline.name}' ({pipeline.path}) is invalid:")
     return out
+
+
+def _distills(stage: Step) -> bool:
+    """Whether the stage's recipe (with its overrides) is a distill stage."""
+    stage_overrides = [o.partition("=")[2] for o in stage.overrides if o.partition("=")[0] == "stage"]
+    if stage_overrides:
+        return stage_overrides[-1] == "distill"
+    try:
+        data = yaml.safe_load(find_recipe(stage.recipe).read_text(encoding="utf-8"))
+    except (ConfigError, OSError, yaml.YAMLError, UnicodeDecodeError):
+        return False  # load_recipe reports it
+    return isinstance(data, dict) and data.get("stage") == "distill"
 
 
 def run(pipeline: Pipeline, echo: bool = True, **kwargs: Any) -> list[Path]:

@@ -91,10 +91,12 @@ def prepare_data(recipe: Recipe, tokenizer: Any, train_rows: list[RawRow] | None
     return formatter, train, evaluation, reports
 
 
-def _sft_config(recipe: Recipe, auto: Auto, out: Path, precision: str, dev: Any, has_eval: bool) -> Any:
+def _sft_config(recipe: Recipe, auto: Auto, out: Path, precision: str, dev: Any, has_eval: bool,
+                **changes: Any) -> Any:
     from trl import SFTConfig
 
     return SFTConfig(
+        **changes,
         **trainer_args(recipe, auto, out, precision, dev, has_eval),
         packing=auto.packing,
         # Pretraining concatenates documents (EOS between them) and cuts the stream into blocks; SFT
@@ -146,6 +148,8 @@ class SFTData:
     train: list[dict]
     evaluation: list[dict] | None
     task_eval: TaskEval | None
+    distill: Any = None
+    """The distill stage's teacher and cache (stages/distill.py)."""
 
 
 def weights_of_run(path: str) -> tuple[str, str]:
@@ -201,7 +205,7 @@ class SFT:
         if why:
             say(f"gradient checkpointing (auto): {why}")
         task_eval = None
-        if recipe.stage == "sft" and recipe.data.eval is not None:
+        if recipe.stage in ("sft", "distill") and recipe.data.eval is not None:
             examples, skipped = evaluation_mod.build_examples(
                 read_rows(recipe.data.eval, recipe.data.eval_split, "data.eval"), formatter, recipe.eval.limit,
                 describe_source(recipe.data.eval))
@@ -240,19 +244,22 @@ class SFT:
         say(f"model: {method.name}, {trainable:,} of {total:,} parameters train ({100 * trainable / total:.3f}%), "
             f"{ctx.dev.type}, {run.precision}")
 
-        args = _sft_config(recipe, run.auto, out, run.precision, ctx.dev, work.evaluation is not None)
+        args = _sft_config(recipe, run.auto, out, run.precision, ctx.dev, work.evaluation is not None,
+                           **self.config_changes())
+        trainer_class, trainer_kwargs = self.trainer_parts(run, ctx, model)
         progress = rundir.ProgressLog(
             out, echo=ctx.echo, flops_per_token=perf.flops_per_token(model, _context(recipe, run.auto, work.train)),
             peak_flops=perf.matmul_peak(ctx.dev, perf.compute_dtype(run.precision)), processes=args.world_size)
         trainer = build_trainer(
-            guarded_trainer_class(), model,
+            trainer_class, model,
             args=args,
-            train_dataset=datasets.Dataset.from_list(work.train),
+            train_dataset=datasets.Dataset.from_list(self.training_rows(run)),
             eval_dataset=datasets.Dataset.from_list(work.evaluation) if work.evaluation else None,
             processing_class=run.tokenizer,
             callbacks=[progress, DoctorCallback(method.family, recipe.stage, recipe.train.lr, echo=ctx.echo,
                                                 phase=lambda: progress.phase), *tracker_callbacks(recipe, out),
                        *ctx.callbacks],
+            **trainer_kwargs,
         )
         metrics: dict[str, Any] = {"trainable_parameters": trainable, "total_parameters": total}
         previous = rundir.read_manifest(out).get("metrics") or {}
@@ -275,6 +282,7 @@ class SFT:
                     metrics["task_before"] = task_eval.run(base, "base")
                 if trainer.is_world_process_zero():
                     rundir.update_manifest(out, metrics=metrics)
+        self.before_training(run, ctx, trainer, metrics, previous)
         # Trainer restores weights, optimizer, scheduler, RNG and data position from the checkpoint into
         # the model wrapped above (once: resuming never wraps an adapter twice).
         result = trainer.train(resume_from_checkpoint=str(ctx.checkpoint) if ctx.checkpoint else None)
@@ -287,6 +295,23 @@ class SFT:
         if task_eval is not None:
             metrics["task_after"] = task_eval.run(trainer.model, "tuned")
         return trainer, metrics
+
+    # What a stage built on this one (distill) changes: the trainer, its rows and settings, and a step
+    # before training starts.
+    def trainer_parts(self, run: Prepared, ctx: Context, model: Any) -> tuple[type, dict[str, Any]]:
+        """The trainer class and its extra keyword arguments."""
+        return guarded_trainer_class(), {}
+
+    def training_rows(self, run: Prepared) -> list[dict]:
+        return run.work.train
+
+    def config_changes(self) -> dict[str, Any]:
+        """SFTConfig settings that differ from sft's."""
+        return {}
+
+    def before_training(self, run: Prepared, ctx: Context, trainer: Any, metrics: dict[str, Any],
+                        previous: dict[str, Any]) -> None:
+        """After the starting model is measured, before trainer.train (`previous`: the interrupted run's metrics)."""
 
     def finish(self, run: Prepared, ctx: Context, metrics: dict[str, Any]) -> None:
         if run.work.task_eval is not None:
