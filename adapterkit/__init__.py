@@ -35,10 +35,25 @@ def _quiet_optional_backends() -> None:
             message = record.getMessage()
             return not all(needle in message for needle in self.needles)
 
-    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_Drop("gemm_4bit_forward from kernels-community"))
+    drops = [("bitsandbytes.backends.cpu.ops", _Drop("gemm_4bit_forward from kernels-community"))]
     for backend in ("_cutedsl", "_ascend"):
-        logging.getLogger("liger_kernel.backends.registry").addFilter(
-            _Drop(f"liger_kernel.ops.backends.{backend}.", "could not be imported"))
+        drops.append(("liger_kernel.backends.registry", _Drop(f"liger_kernel.ops.backends.{backend}.",
+                                                              "could not be imported")))
+    for name, drop in drops:
+        logging.getLogger(name).addFilter(drop)
+        _DROPPED.append((name, drop))
+
+
+_DROPPED: list = []
+
+
+def show_library_noise() -> None:
+    """Undo `_quiet_optional_backends` (`adapterkit --verbose`)."""
+    import logging
+
+    for name, drop in _DROPPED:
+        logging.getLogger(name).removeFilter(drop)
+    _DROPPED.clear()
 
 
 _quiet_optional_backends()

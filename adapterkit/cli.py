@@ -44,9 +44,17 @@ def _print_version(value: bool) -> None:
 
 @app.callback()
 def _root(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
-                                       help="Print the versions of adapterkit and the libraries it runs on.")) -> None:
+                                       help="Print the versions of adapterkit and the libraries it runs on."),
+          verbose: bool = typer.Option(False, "--verbose", help="Also show the libraries' deprecation warnings and "
+                                       "start-up notes that adapterkit hides by default.")) -> None:
     """Fine-tune language models on one GPU (or a CPU): recipes for pretraining, LoRA, QLoRA, soft prompts and
     full fine-tuning."""
+    if verbose:
+        import adapterkit
+
+        adapterkit.show_library_noise()
+        for pattern in QUIET_WARNINGS:
+            warnings.filterwarnings("default", message=pattern, category=FutureWarning)
 
 OVERRIDES = typer.Argument(None, help="Dotted overrides, e.g. train.max_steps=200 data.train=my.jsonl "
                                       "(values follow YAML rules: 1e-4, true, null).", show_default=False)
@@ -307,6 +315,52 @@ def eval_command(
     typer.echo(f"wrote {where / 'metrics.json'}, {where / 'report.md'} and {where / 'worst_examples.jsonl'}")
 
 
+@app.command("generate")
+def generate_command(
+    path: str = typer.Argument(..., help="A run's output_dir, or a model directory (transformers or peft)."),
+    data: str = typer.Option(..., "--data", help="Prompts: a file (jsonl, json, csv, parquet, txt) or hub id, with "
+                                                 "the task's input fields; an answer field is not needed."),
+    out: str = typer.Option(..., "--out", help="The JSONL to write: each row's fields and its `completion`."),
+    task: Optional[str] = typer.Option(None, "--task", help="The task, for a model adapterkit did not train."),
+    column: Optional[list[str]] = typer.Option(None, "--column", help="FIELD=COLUMN, e.g. --column text=review."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="The first N rows only."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", min=1,
+                                                 help="Generation length (default: per task)."),
+) -> None:
+    """Write the model's completions for a file of prompts (batched, greedy, with the run's template and stops)."""
+    from pathlib import Path
+
+    from adapterkit.errors import ConfigError
+    from adapterkit.inference import generate_file
+
+    problems: list[Any] = []
+    columns = _columns(column, problems)
+    if problems:
+        raise ConfigError(problems)
+    done = generate_file(path, data, Path(out), task, columns, max_new_tokens, batch_size, limit, say=typer.echo)
+    typer.echo(f"wrote {done['prompts']} completions to {done['out']}")
+
+
+@app.command("chat")
+def chat_command(
+    path: str = typer.Argument(..., help="A run's output_dir, or a model directory (transformers or peft)."),
+    task: Optional[str] = typer.Option(None, "--task", help="The task, for a model adapterkit did not train "
+                                                            "(default: chat, with its own chat template)."),
+    system: Optional[str] = typer.Option(None, "--system", help="A system message for the conversation."),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", min=1,
+                                                 help="Longest reply (default: per task)."),
+) -> None:
+    """Talk to a model: each line you type is a turn, the reply streams back (Ctrl-D ends). With stdin
+    from a pipe, all of it is one prompt and the reply is printed: `echo "..." | adapterkit chat RUN`."""
+    import sys
+
+    from adapterkit.inference import chat, stdin_lines
+
+    interactive = sys.stdin.isatty()
+    chat(path, stdin_lines(interactive), sys.stdout, task, max_new_tokens, system, interactive)
+
+
 @app.command("export")
 def export_command(
     path: str = typer.Argument(..., help="A run's output_dir."),
@@ -465,10 +519,20 @@ def _stop_cleanly_on_termination() -> None:
             signal.signal(sig, stop)
 
 
+QUIET_WARNINGS = (
+    r".*deprecated and will be removed in v6",  # transformers 5's renames, met inside peft and trl
+    # transformers 5.x, once per forward: peft's prefix tuning passes past_key_values (30 lines per eval)
+    r"`past_key_values` is deprecated and will be removed in version",
+)
+"""FutureWarnings from inside the libraries that adapterkit hides unless --verbose: each says what a
+library will change, nothing a user of adapterkit can act on."""
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the CLI, turning user errors into a message and exit code 2."""
-    # Deprecations inside the libraries we call are for us to fix, not for users to read.
-    warnings.filterwarnings("ignore", message=r".*deprecated and will be removed in v6", category=FutureWarning)
+    # Deprecations inside the libraries we call are for us to fix, not for users to read (--verbose shows them).
+    for pattern in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern, category=FutureWarning)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # adapterkit prints its own progress lines

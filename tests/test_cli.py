@@ -5,6 +5,8 @@ nothing written."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -163,3 +165,17 @@ def test_only_bitsandbytes_kernels_hub_warning_is_dropped(caplog):
         log.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure", "boom")
         log.warning("some other bitsandbytes warning")
     assert "kernels-community" not in caplog.text and "some other bitsandbytes warning" in caplog.text
+
+
+def test_library_deprecations_are_hidden_unless_verbose(tmp_path, fast_builtin):
+    # peft's prefix tuning passes past_key_values, which transformers 5 warns about on every forward.
+    def warnings_of(*flags: str) -> int:
+        proc = subprocess.run([sys.executable, "-m", "adapterkit", *flags, "recipe", "run",
+                               "prefix-tuning-summarization", "train.max_steps=1", "eval.limit=2",
+                               "train.save_every=null", f"output_dir={tmp_path / str(len(flags))}"],
+                              capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return (proc.stdout + proc.stderr).count("FutureWarning")
+
+    assert warnings_of() == 0
+    assert warnings_of("--verbose") > 0
