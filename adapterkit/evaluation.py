@@ -61,12 +61,13 @@ class Example:
     """Sentiment: each label's completion ids under this prompt."""
 
 
-def build_examples(rows: list[RawRow], formatter: Formatter, limit: int | None, source: str
-                   ) -> tuple[list[Example], Counter]:
-    """Eval examples from raw rows (the first `limit` usable ones), and the count of rows skipped by reason."""
+def build_examples(rows: list[RawRow], formatter: Formatter, limit: int | None, source: str,
+                   option: str = "data.columns", task_option: str | None = "data.task") -> tuple[list[Example], Counter]:
+    """Eval examples from raw rows (the first `limit` usable ones), and the count of rows skipped by reason.
+    `option`: how the command maps fields to columns, for its hints (`--column` for `adapterkit eval`)."""
     tok = formatter.tokenizer
     labels = formatter.spec.labels
-    formatter.check_columns(rows, source)
+    formatter.check_columns(rows, source, option, task_option)
     examples: list[Example] = []
     skipped: Counter = Counter()
     for raw in rows:
@@ -437,7 +438,9 @@ def evaluate_path(path: str, data: str | None = None, task: str | None = None, s
             raise DataError(Problem("--column", f"'{field_name}' is not a field of task '{formatter.task.name}'",
                                     fix=f"map the task's fields ({', '.join(formatter.task.fields)}) to columns"))
     source = data if isinstance(data, str) else ", ".join(data)
-    examples, skipped = build_examples(rows, formatter, config.limit, source)
+    fixed = trained.spec is not None and not preference_run  # a run's model: its task is its own
+    examples, skipped = build_examples(rows, formatter, config.limit, source, option="--column",
+                                       task_option=None if fixed else "--task")
     say(f"eval {formatter.task.name} on {source}: {len(examples)} rows"
         + (f" ({sum(skipped.values())} skipped)" if skipped else ""))
 

@@ -103,6 +103,9 @@ def generate_file(path: str, data: str, out: Path, task: str | None = None, colu
     rows = read_rows(data, "validation" if trained.recipe is None else trained.recipe.data.eval_split, "--data")
     if limit is not None:
         rows = rows[:limit]
+    answers = {formatter.task.target, "chosen", "rejected", "completion", "label"}
+    formatter.check_columns(rows, data, "--column", None if trained.spec is not None else "--task", tuple(f for f in formatter.task.required
+                                                                    if f not in answers or formatter.task.kind == "chat"))
     kept: list[tuple[RawRow, list[int]]] = []
     skipped: dict[str, int] = {}
     for raw in rows:

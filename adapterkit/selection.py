@@ -25,6 +25,7 @@ renamed to OUT at the end.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -37,7 +38,7 @@ from typing import Any, Literal
 
 from adapterkit import rundir, stages, trained
 from adapterkit.config import DataConfig, load_recipe
-from adapterkit.data.formatter import Formatter, FormatSpec, TemplateRejected, label_set
+from adapterkit.data.formatter import Formatter, FormatSpec, TemplateRejected, check_columns, label_set
 from adapterkit.data.loading import RawRow, iter_rows
 from adapterkit.errors import ConfigError, DataError, Problem
 from adapterkit.evaluation import Progress, sequence_logprobs
@@ -223,6 +224,9 @@ def select_file(source: str, out: Path, scorer_source: str, task: str, keep: flo
                 chunk_rows: int = CHUNK) -> SelectReport:
     """Score `source` with `scorer_source` and write the kept rows to `out` (see the module docstring)."""
     columns = columns or {}
+    # A task field with no column would leave every row unscored: say so, with the mapping, instead.
+    check_columns(task, columns, list(itertools.islice(iter_rows(source, "train", "IN"), 1000)), source,
+                  "--column", "--task")
     report = SelectReport(source, scorer_source, rule, keep)
     labels = label_set(iter_rows(source, "train", "IN"), DataConfig(task=task, columns=columns))  # type: ignore[arg-type]
     if rule == "learnability":

@@ -115,6 +115,8 @@ def _bad_inputs(tmp: Path, tiny_model_dir: Path) -> list[tuple[list[str], str]]:
         ([model, f"data.train={not_list}"], "expected a list of objects"),
         ([model, f"data.train={ragged}"], f"{ragged}:3: row has more values than the header"),
         ([model, f"data.train={prose}"], "needs field 'label'"),
+        # another task's rows: the task to set, not a mapping of 'label' to the conversation
+        ([model, f"data.train={chats}"], "these rows have the fields of task 'chat' (messages): use data.task=chat"),
         ([model, "data.task=chat", f"data.train={chats}"], "messages are not a list of {role, content} (or ShareGPT's {from, value}) with an assistant"),
         ([model, f"data.train={good}", f"output_dir={foreign}"], "is not empty and is not an adapterkit run"),
         ([model, f"data.train={good}", f"output_dir={a_file}/run"], "is not a writable directory"),
@@ -179,3 +181,17 @@ def test_library_deprecations_are_hidden_unless_verbose(tmp_path, fast_builtin):
 
     assert warnings_of() == 0
     assert warnings_of("--verbose") > 0
+
+
+def test_data_commands_hint_the_option_they_take(tmp_path):
+    # `data clean` and `data select` map fields with --column, as `eval` and `generate` do: a file whose
+    # column has another name is refused with that option, not cleaned (or scored) down to nothing.
+    data = write_jsonl(tmp_path / "r.jsonl", [{"review": "good film"}] * 3)
+    for args in (["data", "clean", str(data), "--task", "sentiment", "--out", str(tmp_path / "c.jsonl")],
+                 ["data", "select", str(data), "--task", "sentiment", "--scorer", "builtin:tiny", "--keep", "0.5",
+                  "--out", str(tmp_path / "s.jsonl")]):
+        proc = subprocess.run([sys.executable, "-m", "adapterkit", *args], capture_output=True, text=True)
+        assert proc.returncode == 2, proc.stderr
+        assert "--column text=review" in proc.stderr and "data.columns" not in proc.stderr
+        assert "label=review" not in proc.stderr  # one column is suggested for one field only
+    assert not (tmp_path / "c.jsonl").exists() and not (tmp_path / "s.jsonl").exists()

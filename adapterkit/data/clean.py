@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -43,7 +44,7 @@ from typing import Any
 from adapterkit import rundir
 from adapterkit.config.schema import CleanConfig, DataConfig
 from adapterkit.data import language
-from adapterkit.data.formatter import lookup
+from adapterkit.data.formatter import check_columns, lookup
 from adapterkit.data.loading import RawRow, iter_rows
 from adapterkit.data.tasks import TASKS
 from adapterkit.errors import ConfigError, Problem
@@ -257,6 +258,9 @@ def clean_file(source: str, out: Path, task: str, columns: dict[str, str], setti
     if out.resolve() == path.resolve() if path.exists() else False:
         raise ConfigError(Problem("--out", f"'{out}' is the input file", fix="write the cleaned rows to a new file"))
     total = _lines(path) if path.is_file() else None
+    # A task field with no column would drop every row as empty: say so, with the mapping, instead.
+    check_columns(task, columns, list(itertools.islice(iter_rows(source, split, "IN"), 1000)), source,
+                  "--column", "--task")
     rows = iter_rows(source, split, "IN")
     cleaner = Cleaner(task, columns, settings, tokenizer)
     report = CleanReport(source)

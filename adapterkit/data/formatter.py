@@ -273,34 +273,14 @@ class Formatter:
     # -- rows -> task fields -------------------------------------------------------------------
 
     def column(self, field: str, values: dict[str, Any] | set[str]) -> str:
-        """The column a field is read from: data.columns, else the field's own name; for chat messages,
-        ShareGPT's `conversations` when the rows have no `messages`."""
-        if field in self.columns:
-            return self.columns[field]
-        if field == "messages" and "messages" not in values and "conversations" in values:
-            return "conversations"
-        return field
+        """The column a field is read from (see `column_of`)."""
+        return column_of(self.columns, field, values)
 
-    def check_columns(self, rows: list[RawRow], source: str) -> None:
-        """Fail early, with the columns that do exist, when a required field has no column."""
-        present: set[str] = set()
-        for row in rows[:1000]:
-            present.update(row.values)
-        missing = [f for f in self.task.required if self.column(f, present).split(".")[0] not in present]
-        if not missing:
-            return
-        problems = []
-        claimed = {self.columns.get(f, f) for f in self.task.fields}
-        unclaimed = sorted(present - claimed)
-        for f in missing:
-            col = self.columns.get(f, f)
-            guess = did_you_mean(col, sorted(present))
-            # A close name, else the one column no other field uses, else a placeholder.
-            suggestion = guess.split("'")[1] if guess else unclaimed[0] if len(unclaimed) == 1 else "YOUR_COLUMN"
-            problems.append(Problem(source, f"task '{self.spec.task}' needs field '{f}', but there is no column "
-                                    f"'{col}' (columns: {', '.join(sorted(present)) or 'none'})", f"data.columns.{f}",
-                                    f"map it with data.columns.{f}={suggestion}"))
-        raise DataError(problems)
+    def check_columns(self, rows: list[RawRow], source: str, option: str = "data.columns",
+                      task_option: str | None = "data.task", required: tuple[str, ...] | None = None) -> None:
+        """Fail early, with the columns that do exist, when a required field has no column (see
+        `check_columns`)."""
+        check_columns(self.task.name, self.columns, rows, source, option, task_option, required)
 
     def fields(self, raw: RawRow) -> tuple[dict[str, Any] | None, str | None]:
         """The task fields of a row, or (None, reason) when the row must be dropped."""
@@ -601,6 +581,66 @@ def _split_conversations(chosen: Any, rejected: Any) -> tuple[dict[str, Any] | N
 
 
 _TRUE, _FALSE = {"true", "1", "yes", "good", "desirable"}, {"false", "0", "no", "bad", "undesirable"}
+
+
+def check_columns(task_name: str, columns: dict[str, str], rows: list[RawRow], source: str,
+              option: str = "data.columns", task_option: str | None = "data.task",
+              required: tuple[str, ...] | None = None) -> None:
+    """Fail early, with the columns that do exist, when a required field has no column. `option` is how
+    the command being run maps a field to a column (`data.columns` in a recipe, `--column` on the
+    command line), `task_option` how it names the task (None: the task is the model's own)."""
+    task = TASKS[task_name]
+    present: set[str] = set()
+    for row in rows[:1000]:
+        present.update(row.values)
+    missing = [f for f in (task.required if required is None else required)
+               if column_of(columns, f, present).split(".")[0] not in present]
+    if not missing:
+        return
+    problems = []
+    claimed = {columns.get(f, f) for f in task.fields}
+    # A column that no other field uses is a candidate only if its values have the field's kind
+    # (a conversation for messages, text for the rest): `label=messages` would be no help.
+    unclaimed = [c for c in sorted(present - claimed) if all(_kind_fits(f, r.values.get(c)) for f in missing
+                                                               for r in rows[:20] if c in r.values)]
+    other = next((t.name for t in TASKS.values() if t.name != task.name and t.kind != "text"
+                  and set(t.required) <= present), None)
+    suggested: set[str] = set()
+    for f in missing:
+        col = columns.get(f, f)
+        guess = did_you_mean(col, sorted(present))
+        # A close name, else the one column no other field uses (once), else a placeholder.
+        free = [c for c in unclaimed if c not in suggested]
+        suggestion = guess.split("'")[1] if guess else free[0] if len(unclaimed) == 1 and free else "YOUR_COLUMN"
+        suggested.add(suggestion)
+        mapping = f"--column {f}={suggestion}" if option == "--column" else f"{option}.{f}={suggestion}"
+        fix = f"map it with {mapping}"
+        if other is not None and suggestion == "YOUR_COLUMN":
+            theirs = f"these rows have the fields of task '{other}' ({', '.join(TASKS[other].required)})"
+            fix = (f"{theirs}, not those of '{task.name}', the task this model was trained on: give it "
+                   f"{task.name} rows" if task_option is None else
+                   f"{theirs}: use {task_option}{' ' if task_option.startswith('--') else '='}{other}, or {fix}")
+        problems.append(Problem(source, f"task '{task.name}' needs field '{f}', but there is no column "
+                                f"'{col}' (columns: {', '.join(sorted(present)) or 'none'})",
+                                f"{option} {f}" if option == "--column" else f"{option}.{f}", fix))
+    raise DataError(problems)
+
+
+def column_of(columns: dict[str, str], field: str, values: dict[str, Any] | set[str]) -> str:
+    """The column a field is read from: data.columns, else the field's own name; for chat messages,
+    ShareGPT's `conversations` when the rows have no `messages`."""
+    if field in columns:
+        return columns[field]
+    if field == "messages" and "messages" not in values and "conversations" in values:
+        return "conversations"
+    return field
+
+
+def _kind_fits(field: str, value: Any) -> bool:
+    """Whether a column's value could be task field `field`: a list of turns for messages, else text."""
+    if field == "messages":
+        return isinstance(value, list)
+    return isinstance(value, (str, int, float)) and not isinstance(value, bool) or value is None
 
 
 def _judgement(value: Any) -> bool | None:
