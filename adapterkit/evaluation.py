@@ -403,6 +403,8 @@ def evaluate_path(path: str, data: str | None = None, task: str | None = None, s
     if recipe is not None:
         split = split or recipe.data.eval_split
         columns = {**recipe.data.columns, **(columns or {})}
+    elif trained.spec is not None:  # an export: its format.json keeps the mapping it was trained with
+        columns = {**trained.spec.columns, **(columns or {})}
     config = replace(recipe.eval if recipe is not None else EvalConfig(), **(settings or {}))
     if data is None:
         if recipe is None or recipe.data.eval is None:

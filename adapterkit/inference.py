@@ -41,7 +41,8 @@ def formatter_of(trained: Trained, task: str | None, columns: dict[str, str] | N
         if task is not None and task != trained.spec.task:
             raise DataError(Problem("--task", f"'{task}' differs from the task the model was trained on "
                                     f"('{trained.spec.task}')", fix="leave --task out for a run's model"))
-        columns = {**(trained.recipe.data.columns if trained.recipe else {}), **(columns or {})}
+        columns = {**trained.spec.columns, **(trained.recipe.data.columns if trained.recipe else {}),
+                   **(columns or {})}
         return Formatter(trained.spec, trained.tokenizer, columns)
     if task is None or task not in TASKS:
         raise DataError(Problem("--task", f"{task!r} is not a task" if task else "this model was not trained by "

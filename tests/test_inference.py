@@ -109,3 +109,27 @@ def test_prompt_rows_need_no_answer_for_a_model_given_its_task(tiny_model_dir):
     ids = prompt_ids(formatter, {"question": "Who?", "context": "Ann did."})
     assert isinstance(ids, list) and ids
     assert isinstance(prompt_ids(formatter, RawRow({"context": "no question"}, "x").values), str)
+
+
+def test_an_export_keeps_the_column_mapping_it_was_trained_with(fast_builtin, tmp_path):
+    from adapterkit.data.loading import SAMPLES
+
+    def renamed(split: str) -> Path:
+        rows = [json.loads(x) for x in (SAMPLES / "sentiment" / f"{split}.jsonl").read_text().splitlines()]
+        return write_jsonl(tmp_path / f"{split}.jsonl", [{"review": r["text"], "stars": r["label"]} for r in rows])
+
+    train, dev = renamed("train"), renamed("eval")
+    recipe, src = load_recipe("lora-sentiment", ["train.max_steps=2", "train.save_every=null", f"data.train={train}",
+                                                 "data.eval=null", "data.columns.text=review",
+                                                 "data.columns.label=stars", f"output_dir={tmp_path / 'run'}"])
+    run(recipe, src, echo=False)
+    export = tmp_path / "export"
+    subprocess.run([sys.executable, "-m", "adapterkit", "export", str(tmp_path / "run"), "--out", str(export)],
+                   check=True, capture_output=True)
+    assert json.loads((export / "format.json").read_text())["columns"] == {"text": "review", "label": "stars"}
+    for args in (["eval", str(export), "--data", str(dev), "--limit", "4", "--out", str(tmp_path / "ev")],
+                 ["generate", str(export), "--data", str(dev), "--limit", "3", "--out", str(tmp_path / "g.jsonl")]):
+        proc = subprocess.run([sys.executable, "-m", "adapterkit", *args], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr  # no --column needed: the export says how to read the rows
+    assert len((tmp_path / "g.jsonl").read_text().splitlines()) == 3
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["n"] == 4

@@ -63,6 +63,8 @@ class FormatSpec:
     chat_template: str | None = None
     truncation: str = "input"
     """data.truncation: input | end | drop."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """data.columns the model was trained with: an export (which has no recipe) reads new rows the same way."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, ensure_ascii=False)
@@ -267,7 +269,8 @@ class Formatter:
         mode = "chat_template" if (has_template or conversational) and task.kind != "text" else "plain"
         spec = FormatSpec(task=cfg.task, mode=mode, labels=labels, template=cfg.template,
                           system_prompt=cfg.system_prompt, train_on_prompt=cfg.train_on_prompt,
-                          max_length=cfg.max_length, chat_template=chat_template, truncation=cfg.truncation)
+                          max_length=cfg.max_length, chat_template=chat_template, truncation=cfg.truncation,
+                          columns=dict(cfg.columns))
         return cls(spec, tokenizer, cfg.columns)
 
     # -- rows -> task fields -------------------------------------------------------------------
