@@ -17,6 +17,7 @@ import torch
 from adapterkit import builtin
 from adapterkit.adapters import METHODS
 from adapterkit.config.schema import ModelConfig, QuantSettings
+from adapterkit.data import chat_templates
 from adapterkit.errors import AdapterkitError, ConfigError, Problem
 from adapterkit.kernels import nf4
 
@@ -202,6 +203,8 @@ def load_tokenizer(cfg: ModelConfig, source: str) -> Any:
     if tok.pad_token is None:
         # Labels come from segment masks, not from pad ids, so pad == eos cannot hide EOS from the loss.
         tok.pad_token = tok.eos_token
+    if cfg.chat_template:
+        chat_templates.apply(tok, cfg.chat_template)
     return tok
 
 

@@ -133,3 +133,37 @@ def test_an_export_keeps_the_column_mapping_it_was_trained_with(fast_builtin, tm
         assert proc.returncode == 0, proc.stderr  # no --column needed: the export says how to read the rows
     assert len((tmp_path / "g.jsonl").read_text().splitlines()) == 3
     assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["n"] == 4
+
+
+def test_a_named_chat_template_trains_and_is_saved_with_the_model(fast_builtin, tmp_path):
+    from transformers import AutoTokenizer
+
+    from adapterkit.data.chat_templates import CHAT_TEMPLATES
+
+    recipe, src = load_recipe("full-chat", ["train.max_steps=1", "train.save_every=null", "data.eval=null",
+                                            "train.lr=1e-5", "model.chat_template=chatml",
+                                            f"output_dir={tmp_path / 'run'}"])
+    run(recipe, src, echo=False)
+    model_dir = tmp_path / "run" / "model"
+    assert AutoTokenizer.from_pretrained(model_dir).chat_template == CHAT_TEMPLATES["chatml"]
+    trained = load_trained(tmp_path / "run")
+    formatter = formatter_of(trained, None)
+    assert formatter.spec.mode == "chat_template"
+    ids = prompt_ids(formatter, {"messages": [{"role": "user", "content": "Hello there."}]})
+    assert trained.tokenizer.decode(ids).endswith("<|im_start|>user\nHello there.<|im_end|>\n<|im_start|>assistant\n")
+
+
+@pytest.mark.parametrize("value,said", [
+    ("chatlm", "did you mean 'chatml'"),
+    ("broken.jinja", "does not render a reply as the continuation"),
+    ("missing.jinja", "neither a named template nor a file"),
+])
+def test_a_bad_chat_template_is_refused_before_anything_is_written(fast_builtin, tmp_path, value, said):
+    (tmp_path / "broken.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}"
+                                           "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "adapterkit", "recipe", "run", "full-chat",
+                           f"model.chat_template={value}", f"output_dir={out}"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2 and "model.chat_template" in proc.stderr and said in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and not (out / "manifest.json").exists()

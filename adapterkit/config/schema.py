@@ -49,6 +49,10 @@ class ModelConfig:
     tokenizer trained on the training corpus."""
     vocab_size: int = 8192
     """Vocabulary size of a tokenizer trained for `init: scratch`."""
+    chat_template: str | None = None
+    """The chat template to train and answer with, in place of the tokenizer's own: `chatml`, `llama3`,
+    `gemma`, `phi3`, or a path to a Jinja file. Checked at load to render a growing conversation, and
+    saved with the model (chat, eval, export and GGUF use it). Unset: the tokenizer's own, if it has one."""
     dtype: DType = "auto"
     """Dtype the weights are loaded in. `auto`: float32 for full fine-tuning and scratch (mixed
     precision keeps master weights in float32), bfloat16 for a frozen base where the device supports it."""
