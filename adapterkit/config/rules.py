@@ -142,6 +142,14 @@ def _check(recipe: Recipe, src: RecipeSource) -> list[Problem]:
         for code in unknown_languages(c.languages or []):
             bad("data.clean.languages", f"'{code}' is not a language the detector knows",
                 "use ISO 639-1 codes such as en, de, fr, es, zh")
+    if d.weights is not None:
+        sources = d.train if isinstance(d.train, list) else [d.train]
+        if len(d.weights) != len(sources):
+            bad("data.weights", f"{len(d.weights)} weights for {len(sources)} data.train source(s)",
+                "give one weight per data.train source, e.g. data.train=[a.jsonl, b.jsonl] data.weights=[0.7, 0.3]")
+        elif any(not math.isfinite(w) or w < 0 for w in d.weights) or not sum(d.weights) > 0:
+            bad("data.weights", f"{d.weights} are not proportions", "use non-negative weights that do not all "
+                "sum to 0, e.g. [0.7, 0.3]")
     if not 0 <= a.lora.dropout < 1:
         bad("adapter.lora.dropout", f"{a.lora.dropout!r} is out of range", "use a value in [0, 1)")
     if not 0 <= d.max_dropped <= 1:

@@ -141,6 +141,10 @@ class DataConfig:
     train: str | list[str] = "sample:sentiment/train"
     """Training data: local .jsonl/.json/.csv/.parquet/.txt files (.gz too), a datasets hub id,
     or `sample:TASK/train` for the small samples shipped with adapterkit. A list is concatenated."""
+    weights: list[float] | None = None
+    """Mix the sources of a `train` list in these proportions (one weight per source, e.g. `[0.7, 0.3]`):
+    the run trains on as many rows as the sources hold together, drawn from each by its share (a small
+    source is repeated, a large one sampled; seeded by train.seed). Unset: the sources are concatenated."""
     eval: str | list[str] | None = None
     """Held-out data in the same forms; its loss is measured before and after training."""
     train_split: str = "train"

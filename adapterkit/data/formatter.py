@@ -103,6 +103,8 @@ class DataReport:
     """Rows the formatter had to adapt to the chat template, by what it did."""
     cleaned: Counter = field(default_factory=Counter)
     """Rows `data.clean` dropped before formatting, by reason (not in rows_read or max_dropped)."""
+    mixed: list[str] = field(default_factory=list)
+    """How data.weights mixed the sources, one line each."""
 
     def summary(self) -> str:
         dropped = sum(self.dropped.values())
@@ -118,6 +120,8 @@ class DataReport:
             text += f"\n    dropped {n}: {reason}"
         for note, n in sorted(self.notes.items()):
             text += f"\n    {n} rows: {note}"
+        for line in self.mixed:
+            text += f"\n    mixed: {line}"
         for reason, n in self.cleaned.items():
             text += f"\n    data.clean dropped {n} first: {reason}"
         if self.labels:
@@ -721,7 +725,7 @@ def encode_rows(rows: list[RawRow], formatter: Formatter, split: str, source: st
             report.dropped[reason] += 1
             continue
         record = formatter.record(fields)
-        key = json.dumps(record, sort_keys=True, ensure_ascii=False)
+        key = (json.dumps(record, sort_keys=True, ensure_ascii=False), raw.copy)  # a mix's repeat is no duplicate
         if key in seen:
             report.dropped["duplicate of an earlier row"] += 1
             continue

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from adapterkit.errors import DataError, Problem, did_you_mean
 
@@ -29,6 +29,8 @@ class RawRow:
 
     values: dict[str, Any]
     where: str
+    copy: int = 0
+    """data.weights: 0 for a row's first use in the mix, k for its k-th repeat (a repeat is not a duplicate)."""
 
 
 def resolve_sample(source: str) -> Path:
@@ -155,6 +157,43 @@ def read_rows(source: str | list[str], split: str, key: str) -> list[RawRow]:
     if isinstance(source, list):
         return [row for one in source for row in read_rows(one, split, key)]
     return list(iter_rows(source, split, key))
+
+
+def read_training_rows(source: str | list[str], split: str, weights: list[float] | None, seed: int,
+                       prepare: Callable[[list[RawRow]], list[RawRow]] | None = None
+                       ) -> tuple[list[RawRow], list[str]]:
+    """data.train's rows (through `prepare`, e.g. data.clean, which keeps a subset), and how they were mixed:
+    with `weights` (one per source), as many rows as the sources hold together, drawn from each in
+    proportion to its weight (without repeats while a source has enough rows, repeated in turn once it
+    does not: each repeat marked by `copy`), in a seeded shuffled order."""
+    prepare = prepare or (lambda rows: rows)
+    if not weights:
+        return prepare(read_rows(source, split, "data.train")), []
+    import dataclasses
+    import random
+
+    sources = [source] if isinstance(source, str) else list(source)
+    parts = [read_rows(one, split, "data.train") for one in sources]
+    kept = {id(row) for row in prepare([row for part in parts for row in part])}
+    parts = [[row for row in part if id(row) in kept] for part in parts]
+    total = sum(len(p) for p in parts)
+    share = [w / sum(weights) for w in weights]
+    counts = [round(s * total) for s in share]
+    rng = random.Random(seed)
+    rows: list[RawRow] = []
+    mixed = []
+    for one, part, n, s in zip(sources, parts, counts, share):
+        if not part:
+            continue
+        picked = [dataclasses.replace(row, copy=k) for k in range(n // len(part)) for row in part]
+        picked += [dataclasses.replace(row, copy=n // len(part)) for row in rng.sample(part, n % len(part))]
+        rows += picked
+        repeated = max(0, n - len(part))
+        mixed.append(f"{one}: {n} of the mix ({s:.0%}) from {len(part)} rows"
+                     + (f", {repeated} repeated" if repeated else f", {len(part) - n} left out" if n < len(part)
+                        else ""))
+    rng.shuffle(rows)
+    return rows, mixed
 
 
 def iter_rows(source: str, split: str, key: str, streaming: bool = False) -> Iterator[RawRow]:

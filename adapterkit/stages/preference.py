@@ -31,7 +31,7 @@ from adapterkit.adapters import METHODS, MethodSpec, lora, trainable_parameters
 from adapterkit.config import Recipe, load_recipe
 from adapterkit.data.formatter import OWN_CUE, DataReport, FormatSpec, Formatter
 from adapterkit.data.clean import clean_in_memory
-from adapterkit.data.loading import RawRow, read_rows
+from adapterkit.data.loading import RawRow, read_rows, read_training_rows
 from adapterkit.doctor import DoctorCallback
 from adapterkit.errors import AdapterkitError, ConfigError, DataError, Problem
 from adapterkit.stages.skeleton import (
@@ -145,7 +145,7 @@ def format_rows(rows: list[RawRow], formatter: Formatter, split: str, source: st
             report.dropped["chosen and rejected are the same"] += 1
             continue
         record = formatter.record(fields)
-        key = json.dumps(record, sort_keys=True, ensure_ascii=False)
+        key = (json.dumps(record, sort_keys=True, ensure_ascii=False), raw.copy)  # a mix's repeat is no duplicate
         if key in seen:
             report.dropped["duplicate of an earlier row"] += 1
             continue
@@ -175,10 +175,16 @@ def prepare_data(recipe: Recipe, tokenizer: Any, start: Start) -> tuple[Formatte
                                                                         list[DataReport]]:
     """The formatter (in the starting run's template when there is one) and the formatted splits."""
     d = recipe.data
-    train_rows = read_rows(d.train, d.train_split, "data.train")
     cleaned = None
-    if d.clean:
-        train_rows, cleaned = clean_in_memory(train_rows, d, tokenizer, describe_source(d.train))
+
+    def prepare(rows: list[RawRow]) -> list[RawRow]:  # data.clean, before the sources are mixed
+        nonlocal cleaned
+        if not d.clean:
+            return rows
+        kept, cleaned = clean_in_memory(rows, d, tokenizer, describe_source(d.train))
+        return kept
+
+    train_rows, mixed = read_training_rows(d.train, d.train_split, d.weights, recipe.train.seed, prepare)
     probe = Formatter(FormatSpec(task=d.task, mode="plain"), tokenizer, d.columns)
     formatter = Formatter.for_training(d, tokenizer, [], conversational=_conversational(train_rows, probe))
     if start.format is not None:
@@ -192,6 +198,7 @@ def prepare_data(recipe: Recipe, tokenizer: Any, start: Start) -> tuple[Formatte
     train, report = format_rows(train_rows, formatter, "train", describe_source(d.train))
     if cleaned is not None:
         report.cleaned = cleaned.reasons()
+    report.mixed = mixed
     reports = [report]
     refuse_unusable(report, train, d, "train", KEEPS_EVERY_PAIR)
     if recipe.stage == "kto" and len(report.labels) < 2:

@@ -23,7 +23,7 @@ from adapterkit.adapters import METHODS, trainable_parameters
 from adapterkit.config import Recipe, packs
 from adapterkit.data.clean import clean_in_memory
 from adapterkit.data.formatter import DataReport, Formatter, encode_rows, label_set
-from adapterkit.data.loading import RawRow, read_rows
+from adapterkit.data.loading import RawRow, read_rows, read_training_rows
 from adapterkit.doctor import DoctorCallback
 from adapterkit.errors import AdapterkitError, ConfigError, DataError, Problem
 from adapterkit.stages.skeleton import Context, Data, Prepared, describe_source, refuse_unusable
@@ -47,7 +47,7 @@ def tokenizer_for(recipe: Recipe, say: Any = print) -> tuple[str | None, Any, li
     if m.init != "scratch":
         source = models.model_source(m)
         return source, models.load_tokenizer(m, m.tokenizer or source), None
-    train_rows = read_rows(d.train, d.train_split, "data.train")
+    train_rows, _ = read_training_rows(d.train, d.train_split, d.weights, recipe.train.seed)
     if m.tokenizer:
         return None, models.load_tokenizer(m, m.tokenizer), train_rows
     say(f"tokenizer: training a byte-level BPE tokenizer (vocab {m.vocab_size}) on the corpus")
@@ -59,16 +59,24 @@ def prepare_data(recipe: Recipe, tokenizer: Any, train_rows: list[RawRow] | None
                  ) -> tuple[Formatter, list[dict], list[dict] | None, list[DataReport]]:
     """Read, format and tokenize the train (and eval) data. Raises DataError when nothing can train."""
     d = recipe.data
-    if train_rows is None:
-        train_rows = read_rows(d.train, d.train_split, "data.train")
     cleaned = None
-    if d.clean:
-        train_rows, cleaned = clean_in_memory(train_rows, d, tokenizer, describe_source(d.train))
+
+    def prepare(rows: list[RawRow]) -> list[RawRow]:  # data.clean, before the sources are mixed
+        nonlocal cleaned
+        if not d.clean:
+            return rows
+        kept, cleaned = clean_in_memory(rows, d, tokenizer, describe_source(d.train))
+        return kept
+
+    # (a scratch model's tokenizer was trained on the same rows: the mix is seeded, so they are the same)
+    train_rows, mixed = (read_training_rows(d.train, d.train_split, d.weights, recipe.train.seed, prepare)
+                         if train_rows is None or d.weights else (prepare(train_rows), []))
     labels = label_set(train_rows, d)
     formatter = Formatter.for_training(d, tokenizer, labels)
     train, train_report = encode_rows(train_rows, formatter, "train", describe_source(d.train))
     if cleaned is not None:
         train_report.cleaned = cleaned.reasons()
+    train_report.mixed = mixed
     reports = [train_report]
     if train and d.task == "sentiment" and len(train_report.labels) == 1:
         only = next(iter(train_report.labels))
