@@ -59,7 +59,8 @@ def run_recipe(name: str, overrides: list[str]) -> dict[str, Any]:
     return metrics
 
 
-def distill_vs_labels(root: Path, seeds: list[int], teacher_steps: int, student_steps: int) -> dict[str, Any]:
+def distill_vs_labels(root: Path, seeds: list[int], teacher_steps: int, student_steps: int,
+                      method: str = "lora") -> dict[str, Any]:
     folder = SHARED / "instruction"
     train = write(root / "instruction-train.jsonl", lines(folder / "train.jsonl")[:2000])
     dev = write(root / "instruction-dev.jsonl", lines(folder / "dev.jsonl")[:200])
@@ -71,8 +72,9 @@ def distill_vs_labels(root: Path, seeds: list[int], teacher_steps: int, student_
                                             f"train.max_steps={teacher_steps}", f"output_dir={root / 'teacher'}"])
     out: dict[str, Any] = {"teacher_eval_loss": teacher["eval_loss_after"], "teacher_seconds": teacher["seconds"],
                            "labels": {}, "distilled": {}}
-    student = [*common, "adapter.lora.r=8", "adapter.lora.alpha=16", "train.lr=2e-3",
-               f"train.max_steps={student_steps}"]
+    student = [*common, f"train.max_steps={student_steps}",
+               *(["adapter.lora.r=8", "adapter.lora.alpha=16", "train.lr=2e-3"] if method == "lora"
+                 else ["adapter.method=full", "train.lr=1e-3"])]
     for seed in seeds:
         labels = run_recipe("lora-sentiment", [*student, f"train.seed={seed}", f"output_dir={root / f'labels-{seed}'}"])
         distilled = run_recipe("distill-sentiment", [
@@ -135,18 +137,15 @@ def mean(values: list[float]) -> float:
     return statistics.fmean(values)
 
 
-def report(part1: dict[str, Any], part2: dict[str, Any], args: Any, minutes: float) -> str:
+def report_part1(part1: dict[str, Any], args: Any) -> list[str]:
     seeds = list(part1["labels"])
     t = part1["teacher_eval_loss"]
     lab = [part1["labels"][s]["eval_loss"] for s in seeds]
     dis = [part1["distilled"][s]["eval_loss"] for s in seeds]
-    out = ["# Distillation", "",
-           f"`python benchmarks/distill.py --seeds {' '.join(map(str, args.seeds))} --teacher-steps "
-           f"{args.teacher_steps} --student-steps {args.student_steps} --w2s-steps {args.w2s_steps} "
-           f"--pretrain-steps {args.pretrain_steps}` ({minutes:.0f} minutes on this machine's CPU).", "",
-           "## Distilled student against the same student on labels alone (instruction set)", "",
+    student = "+ LoRA r8 (lr 2e-3)" if args.student_method == "lora" else "fully fine-tuned (lr 1e-3)"
+    out = ["## Distilled student against the same student on labels alone (instruction set)", "",
            f"Teacher: builtin:tiny fully fine-tuned, {args.teacher_steps} steps; held-out loss **{t:.4f}**. "
-           f"Students: builtin:tiny + LoRA r8, {args.student_steps} steps on the same 2,000 rows; held-out loss on "
+           f"Students: builtin:tiny {student}, {args.student_steps} steps on the same 2,000 rows; held-out loss on "
            "200 dev rows, and the gap to the teacher.", "",
            "| student | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | gap to teacher |",
            "|---|" + "---|" * (len(seeds) + 2)]
@@ -155,13 +154,18 @@ def report(part1: dict[str, Any], part2: dict[str, Any], args: Any, minutes: flo
                    f"{mean(vals) - t:+.4f} |")
     closer = sum(d < lab_ for d, lab_ in zip(dis, lab))
     out += ["", f"The distilled student is closer to the teacher on {closer} of {len(seeds)} seeds "
-            f"(mean gap {mean(dis) - t:+.4f} against {mean(lab) - t:+.4f}).", "",
-            "## Weak-to-strong (SST-2)", "",
-            "Weak teacher: builtin:tiny + LoRA on the true labels of 1,000 rows. Strong model: 192 wide, 6 layers, "
-            f"builtin:tiny's tokenizer, pretrained {args.pretrain_steps} steps on the sample corpus and wikitext-2. "
-            f"Students: the strong model + LoRA, {args.w2s_steps} steps on 2,000 other rows; accuracy on 400 dev rows.",
-            "", "| model | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | gap recovered |",
-            "|---|" + "---|" * (len(seeds) + 2)]
+            f"(mean gap {mean(dis) - t:+.4f} against {mean(lab) - t:+.4f}).", ""]
+    return out
+
+
+def report_part2(part2: dict[str, Any], args: Any) -> list[str]:
+    seeds = list(part2["ceiling"])
+    out = ["## Weak-to-strong (SST-2)", "",
+           "Weak teacher: builtin:tiny + LoRA on the true labels of 1,000 rows. Strong model: 192 wide, 6 layers, "
+           f"builtin:tiny's tokenizer, pretrained {args.pretrain_steps} steps on the sample corpus and wikitext-2. "
+           f"Students: the strong model + LoRA, {args.w2s_steps} steps on 2,000 other rows; accuracy on 400 dev rows.",
+           "", "| model | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | gap recovered |",
+           "|---|" + "---|" * (len(seeds) + 2)]
     weak = part2["teacher"]["accuracy"]
     ceiling = mean([part2["ceiling"][s]["accuracy"] for s in seeds])
     out.append(f"| weak teacher | {weak:.2f} " + "| " * (len(seeds) - 1) + f"| {weak:.2f} | 0 |")
@@ -174,6 +178,16 @@ def report(part1: dict[str, Any], part2: dict[str, Any], args: Any, minutes: flo
     best = max(mean([part2[k][s]["accuracy"] for s in seeds]) for k in ("w2s", "w2s_confidence"))
     out += ["", ("A strong student ends better than its weak teacher." if best > weak else
                  "No strong student ends better than its weak teacher here."), ""]
+    return out
+
+
+def report(part1: dict[str, Any] | None, part2: dict[str, Any] | None, args: Any, minutes: float) -> str:
+    command = " ".join(["python benchmarks/distill.py", *sys.argv[1:]])
+    out = ["# Distillation", "", f"`{command}` ({minutes:.0f} minutes on this machine's CPU).", ""]
+    if part1 is not None:
+        out += report_part1(part1, args)
+    if part2 is not None:
+        out += report_part2(part2, args)
     return "\n".join(out)
 
 
@@ -184,6 +198,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--student-steps", type=int, default=80)
     parser.add_argument("--w2s-steps", type=int, default=150)
     parser.add_argument("--pretrain-steps", type=int, default=400)
+    parser.add_argument("--student-method", choices=["lora", "full"], default="lora",
+                        help="how the students of part 1 train (LoRA r8, or full fine-tuning)")
+    parser.add_argument("--parts", nargs="+", type=int, choices=[1, 2], default=[1, 2])
     args = parser.parse_args(argv)
     for folder in ("instruction", "sentiment", "pretrain"):
         if not (SHARED / folder).is_dir():
@@ -191,15 +208,18 @@ def main(argv: list[str] | None = None) -> None:
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="distill-") as tmp:
         root = Path(tmp)
-        part1 = distill_vs_labels(root, args.seeds, args.teacher_steps, args.student_steps)
-        part2 = weak_to_strong(root, args.seeds, args.w2s_steps, args.pretrain_steps)
+        part1 = (distill_vs_labels(root, args.seeds, args.teacher_steps, args.student_steps, args.student_method)
+                 if 1 in args.parts else None)
+        part2 = weak_to_strong(root, args.seeds, args.w2s_steps, args.pretrain_steps) if 2 in args.parts else None
     minutes = (time.time() - started) / 60
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "distill.json").write_text(json.dumps({"settings": vars(args), "distill_vs_labels": part1,
+    stem = "distill" if args.parts == [1, 2] and args.student_method == "lora" else (
+        f"distill_part{'_'.join(map(str, args.parts))}_{args.student_method}")
+    (RESULTS / f"{stem}.json").write_text(json.dumps({"settings": vars(args), "distill_vs_labels": part1,
                                                       "weak_to_strong": part2, "minutes": round(minutes, 1)},
                                                      indent=2) + "\n")
     text = report(part1, part2, args, minutes)
-    (RESULTS / "distill.md").write_text(text)
+    (RESULTS / f"{stem}.md").write_text(text)
     print(text)
 
 
