@@ -290,9 +290,21 @@ def clean_file(source: str, out: Path, task: str, columns: dict[str, str], setti
     return report
 
 
-def clean_in_memory(rows: list[RawRow], d: DataConfig, tokenizer: Any, source: str) -> tuple[list[RawRow], CleanReport]:
-    """A recipe's training rows cleaned by its `data.clean` (which must be set)."""
-    settings = d.clean if isinstance(d.clean, CleanConfig) else CleanConfig()
-    report = CleanReport(source)
-    kept = list(clean_rows(iter(rows), Cleaner(d.task, d.columns, settings, tokenizer), report))
-    return kept, report
+class RecipeCleaning:
+    """A recipe's `data.clean` as a step on its training rows (before data.weights mixes the sources):
+    `step(rows)` keeps the clean rows (all of them when data.clean is off); `report` says what went."""
+
+    def __init__(self, d: DataConfig, tokenizer: Any, source: str) -> None:
+        self.d, self.tokenizer, self.source = d, tokenizer, source
+        self.report: CleanReport | None = None
+
+    def __call__(self, rows: list[RawRow]) -> list[RawRow]:
+        if not self.d.clean:
+            return rows
+        settings = self.d.clean if isinstance(self.d.clean, CleanConfig) else CleanConfig()
+        self.report = CleanReport(self.source)
+        return list(clean_rows(iter(rows), Cleaner(self.d.task, self.d.columns, settings, self.tokenizer), self.report))
+
+    def reasons(self) -> Counter:
+        """What data.clean dropped, by reason (empty when it is off)."""
+        return self.report.reasons() if self.report is not None else Counter()

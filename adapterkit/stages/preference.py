@@ -30,7 +30,7 @@ from adapterkit import plan as plan_mod
 from adapterkit.adapters import METHODS, MethodSpec, lora, trainable_parameters
 from adapterkit.config import Recipe, load_recipe
 from adapterkit.data.formatter import OWN_CUE, DataReport, FormatSpec, Formatter
-from adapterkit.data.clean import clean_in_memory
+from adapterkit.data.clean import RecipeCleaning
 from adapterkit.data.loading import RawRow, read_rows, read_training_rows
 from adapterkit.doctor import DoctorCallback
 from adapterkit.errors import AdapterkitError, ConfigError, DataError, Problem
@@ -175,16 +175,9 @@ def prepare_data(recipe: Recipe, tokenizer: Any, start: Start) -> tuple[Formatte
                                                                         list[DataReport]]:
     """The formatter (in the starting run's template when there is one) and the formatted splits."""
     d = recipe.data
-    cleaned = None
+    clean = RecipeCleaning(d, tokenizer, describe_source(d.train))  # before the sources are mixed
 
-    def prepare(rows: list[RawRow]) -> list[RawRow]:  # data.clean, before the sources are mixed
-        nonlocal cleaned
-        if not d.clean:
-            return rows
-        kept, cleaned = clean_in_memory(rows, d, tokenizer, describe_source(d.train))
-        return kept
-
-    train_rows, mixed = read_training_rows(d.train, d.train_split, d.weights, recipe.train.seed, prepare)
+    train_rows, mixed = read_training_rows(d.train, d.train_split, d.weights, recipe.train.seed, clean)
     probe = Formatter(FormatSpec(task=d.task, mode="plain"), tokenizer, d.columns)
     formatter = Formatter.for_training(d, tokenizer, [], conversational=_conversational(train_rows, probe))
     if start.format is not None:
@@ -196,8 +189,7 @@ def prepare_data(recipe: Recipe, tokenizer: Any, start: Start) -> tuple[Formatte
         spec.system_prompt = d.system_prompt if d.system_prompt is not None else start.format.system_prompt
         formatter = Formatter(spec, tokenizer, d.columns)
     train, report = format_rows(train_rows, formatter, "train", describe_source(d.train))
-    if cleaned is not None:
-        report.cleaned = cleaned.reasons()
+    report.cleaned = clean.reasons()
     report.mixed = mixed
     reports = [report]
     refuse_unusable(report, train, d, "train", KEEPS_EVERY_PAIR)

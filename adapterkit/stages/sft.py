@@ -21,7 +21,7 @@ from adapterkit import models, perf, rundir
 from adapterkit import plan as plan_mod
 from adapterkit.adapters import METHODS, trainable_parameters
 from adapterkit.config import Recipe, packs
-from adapterkit.data.clean import clean_in_memory
+from adapterkit.data.clean import RecipeCleaning
 from adapterkit.data.formatter import DataReport, Formatter, encode_rows, label_set
 from adapterkit.data.loading import RawRow, read_rows, read_training_rows
 from adapterkit.doctor import DoctorCallback
@@ -59,23 +59,15 @@ def prepare_data(recipe: Recipe, tokenizer: Any, train_rows: list[RawRow] | None
                  ) -> tuple[Formatter, list[dict], list[dict] | None, list[DataReport]]:
     """Read, format and tokenize the train (and eval) data. Raises DataError when nothing can train."""
     d = recipe.data
-    cleaned = None
-
-    def prepare(rows: list[RawRow]) -> list[RawRow]:  # data.clean, before the sources are mixed
-        nonlocal cleaned
-        if not d.clean:
-            return rows
-        kept, cleaned = clean_in_memory(rows, d, tokenizer, describe_source(d.train))
-        return kept
+    clean = RecipeCleaning(d, tokenizer, describe_source(d.train))  # before the sources are mixed
 
     # (a scratch model's tokenizer was trained on the same rows: the mix is seeded, so they are the same)
-    train_rows, mixed = (read_training_rows(d.train, d.train_split, d.weights, recipe.train.seed, prepare)
-                         if train_rows is None or d.weights else (prepare(train_rows), []))
+    train_rows, mixed = (read_training_rows(d.train, d.train_split, d.weights, recipe.train.seed, clean)
+                         if train_rows is None or d.weights else (clean(train_rows), []))
     labels = label_set(train_rows, d)
     formatter = Formatter.for_training(d, tokenizer, labels)
     train, train_report = encode_rows(train_rows, formatter, "train", describe_source(d.train))
-    if cleaned is not None:
-        train_report.cleaned = cleaned.reasons()
+    train_report.cleaned = clean.reasons()
     train_report.mixed = mixed
     reports = [train_report]
     if train and d.task == "sentiment" and len(train_report.labels) == 1:
