@@ -136,23 +136,21 @@ def generate_file(path: str, data: str, out: Path, task: str | None = None, colu
     return {"prompts": len(kept), "skipped": skipped, "out": str(out)}
 
 
-class _Streamer:
-    """Prints the reply's text as tokens arrive (transformers' TextStreamer, without the stop tokens)."""
+def _streamer(tokenizer: Any, stream: TextIO) -> Any:
+    """transformers' TextStreamer writing the reply's text to `stream` as tokens arrive (no stop tokens)."""
+    from transformers import TextStreamer
 
-    def __new__(cls, tokenizer: Any, stream: TextIO) -> Any:
-        from transformers import TextStreamer
+    class Streamer(TextStreamer):
+        started = False
 
-        class Streamer(TextStreamer):
-            started = False
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            if not self.started:  # a plain template puts a space between the cue and the reply
+                text = text.lstrip()
+                self.started = bool(text)
+            stream.write(text + ("\n" if stream_end else ""))
+            stream.flush()
 
-            def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-                if not self.started:  # a plain template puts a space between the cue and the reply
-                    text = text.lstrip()
-                    self.started = bool(text)
-                stream.write(text + ("\n" if stream_end else ""))
-                stream.flush()
-
-        return Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    return Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
 
 def reply(trained: Trained, formatter: Formatter, history: list[dict[str, str]], line: str, max_new_tokens: int,
@@ -179,7 +177,7 @@ def reply(trained: Trained, formatter: Formatter, history: list[dict[str, str]],
     with torch.no_grad():
         out = model.generate(input_ids=torch.tensor([ids], device=dev), attention_mask=torch.ones(1, len(ids),
                              dtype=torch.long, device=dev), generation_config=config,
-                             streamer=_Streamer(trained.tokenizer, stream))
+                             streamer=_streamer(trained.tokenizer, stream))
     new = out[0, len(ids):].tolist()
     end = next((i for i, t in enumerate(new) if t in stops), len(new))
     return trained.tokenizer.decode(new[:end], skip_special_tokens=True).strip()

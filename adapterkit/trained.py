@@ -79,8 +79,7 @@ def load_trained(path: str | Path, dev: torch.device | None = None, dtype: torch
         recipe, _ = load_recipe(str(run_dir / "recipe.yaml"))
         manifest = rundir.read_manifest(run_dir)
         method = METHODS[recipe.adapter.method]
-    if (model_dir / "format.json").is_file():
-        spec = FormatSpec(**json.loads((model_dir / "format.json").read_text()))
+    spec = format_spec(model_dir)
     model_cfg = recipe.model if recipe else ModelConfig()
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     if tokenizer.pad_token is None:
@@ -111,6 +110,12 @@ def load_trained(path: str | Path, dev: torch.device | None = None, dtype: torch
     return Trained(model, tokenizer, model_dir, run_dir, recipe, manifest, spec, method, base_source, dtype)
 
 
+def format_spec(model_dir: Path) -> FormatSpec | None:
+    """The format.json adapterkit saved with a model (None for a model it did not train)."""
+    path = model_dir / "format.json"
+    return FormatSpec(**json.loads(path.read_text())) if path.is_file() else None
+
+
 def load_reference(source: str, key: str, dev: torch.device | None = None) -> tuple[Any, Any, FormatSpec | None]:
     """(model in eval mode, tokenizer, the run's format spec or None) for a model that supervises or
     scores another: a run, a model directory, a built `builtin:NAME` or a hub id. `key` names the
@@ -131,8 +136,7 @@ def reference_tokenizer(source: str, key: str) -> tuple[Any, FormatSpec | None]:
 
     if Path(source).expanduser().exists():
         _, model_dir = locate(source)
-        spec = (FormatSpec(**json.loads((model_dir / "format.json").read_text()))
-                if (model_dir / "format.json").is_file() else None)
+        spec = format_spec(model_dir)
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token

@@ -141,8 +141,8 @@ def tokenizer_mismatch(student: Any, teacher: Any, texts: list[str]) -> str | No
         shown = f", e.g. {example!r} is {sv[example]} vs {tv.get(example)}" if example is not None else ""
         return (f"the vocabularies differ: the student's has {len(sv)} tokens, the teacher's {len(tv)}; "
                 f"{len(differ)} of the student's map to other ids{shown}")
-    for name in ("eos_token_id", "bos_token_id", "pad_token_id"):
-        if getattr(student, name) != getattr(teacher, name) and name != "pad_token_id":
+    for name in ("eos_token_id", "bos_token_id"):  # (a pad token only pads: it may differ)
+        if getattr(student, name) != getattr(teacher, name):
             return f"{name} is {getattr(student, name)} for the student, {getattr(teacher, name)} for the teacher"
     for text in texts:
         a, b = student(text, add_special_tokens=False).input_ids, teacher(text, add_special_tokens=False).input_ids
