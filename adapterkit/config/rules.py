@@ -190,6 +190,13 @@ def _check(recipe: Recipe, src: RecipeSource) -> list[Problem]:
     able = ", ".join(n for n, m in METHODS.items() if recipe.stage in m.stages)
     if recipe.stage == "pretrain" and recipe.stage not in method.stages:
         bad("adapter.method", f"'{a.method}' is not a way to pretrain", f"use {able}")
+    if d.streaming and recipe.stage != "pretrain":
+        bad("data.streaming", f"is for stage 'pretrain', not '{recipe.stage}': the other stages read their data "
+            "whole, to check, count and deduplicate every row before training",
+            "set data.streaming=false (use `adapterkit data select` or `data clean` to make a large set smaller)")
+    elif d.streaming and t.max_steps is None:
+        bad("train.max_steps", "is unset, but data.streaming is on: a stream has no length to count epochs in",
+            "set train.max_steps, e.g. train.max_steps=10000")
     # The preference stages: their own data, losses and methods.
     pref_task = {"dpo": "preference", "kto": "unpaired"}
     if recipe.stage in pref_task and d.task != pref_task[recipe.stage]:

@@ -139,12 +139,19 @@ class DataConfig:
     task: Task = "sentiment"
     """How rows are turned into training text; see the README's table of tasks and fields."""
     train: str | list[str] = "sample:sentiment/train"
-    """Training data: local .jsonl/.json/.csv/.parquet/.txt files (.gz too), a datasets hub id,
-    or `sample:TASK/train` for the small samples shipped with adapterkit. A list is concatenated."""
+    """Training data: local .jsonl/.json/.csv/.parquet/.txt files (.gz too), a folder of such files (read
+    by datasets), a datasets hub id, or `sample:TASK/train` for the small samples shipped with adapterkit.
+    A list is concatenated."""
     weights: list[float] | None = None
     """Mix the sources of a `train` list in these proportions (one weight per source, e.g. `[0.7, 0.3]`):
     the run trains on as many rows as the sources hold together, drawn from each by its share (a small
     source is repeated, a large one sampled; seeded by train.seed). Unset: the sources are concatenated."""
+    streaming: bool = False
+    """Pretraining only: read data.train as training goes instead of whole, so a corpus larger than
+    memory or disk trains (a hub id in datasets' streaming mode, nothing downloaded ahead; files and
+    folders row by row). Needs train.max_steps (a stream has no length); the first rows are read ahead to
+    check the data; with data.weights each row comes from a source drawn by weight, a source that runs
+    out starts again. data.eval is read as a stream too, its first eval.limit rows."""
     eval: str | list[str] | None = None
     """Held-out data in the same forms; its loss is measured before and after training."""
     train_split: str = "train"

@@ -305,6 +305,15 @@ class RecipeCleaning:
         self.report = CleanReport(self.source)
         return list(clean_rows(iter(rows), Cleaner(self.d.task, self.d.columns, settings, self.tokenizer), self.report))
 
+    def stream(self, rows: Iterator[RawRow]) -> Iterator[RawRow]:
+        """The same on rows as they are read (data.streaming): each call is a new pass with its own memory
+        of what it kept (so a source read again is not all duplicates); the report adds up every pass."""
+        if not self.d.clean:
+            return rows
+        settings = self.d.clean if isinstance(self.d.clean, CleanConfig) else CleanConfig()
+        self.report = self.report or CleanReport(self.source)
+        return clean_rows(rows, Cleaner(self.d.task, self.d.columns, settings, self.tokenizer), self.report)
+
     def reasons(self) -> Counter:
         """What data.clean dropped, by reason (empty when it is off)."""
         return self.report.reasons() if self.report is not None else Counter()

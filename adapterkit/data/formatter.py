@@ -105,13 +105,17 @@ class DataReport:
     """Rows `data.clean` dropped before formatting, by reason (not in rows_read or max_dropped)."""
     mixed: list[str] = field(default_factory=list)
     """How data.weights mixed the sources, one line each."""
+    streamed: bool = False
+    """data.streaming: these are the first rows of the stream, read ahead to check it (or, after training,
+    every row the run read)."""
 
     def summary(self) -> str:
         dropped = sum(self.dropped.values())
         cut = f", {self.inputs_shortened} inputs shortened to fit" if self.inputs_shortened else ""
         # Preference data is tokenized (and fitted into max_length) by the trainer, after this is first shown.
         truncated = f", {self.truncated} truncated" if self.tokens or self.truncated else ""
-        text = (f"{self.split}: {self.rows_read} rows from {self.source} -> {self.examples} examples "
+        what = "first rows streamed" if self.streamed else "rows"
+        text = (f"{self.split}: {self.rows_read} {what} from {self.source} -> {self.examples} examples "
                 f"({dropped} dropped{truncated}{cut})")
         if self.tokens:  # preference data is tokenized by trl, so it has no token counts here
             text += (f", {self.tokens:,} tokens ({self.supervised_tokens:,} supervised; EOS supervised in "
@@ -127,6 +131,14 @@ class DataReport:
         if self.labels:
             text += "\n    labels: " + ", ".join(f"{k} {v}" for k, v in sorted(self.labels.items()))
         return text
+
+    def add(self, other: DataReport) -> None:
+        """Count `other` (a later part of the same stream) in too; lengths (`needed`) are not kept."""
+        for name in ("rows_read", "examples", "truncated", "inputs_shortened", "eos_supervised", "tokens",
+                     "supervised_tokens"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for name in ("dropped", "labels", "notes"):
+            getattr(self, name).update(getattr(other, name))
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)

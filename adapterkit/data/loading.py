@@ -139,17 +139,33 @@ def _read_txt(path: Path) -> Iterator[RawRow]:
             yield RawRow({"text": "\n".join(paragraph)}, f"{path}:{start}")
 
 
-def _read_hub(source: str, split: str, streaming: bool = False) -> Iterator[RawRow]:
+def _read_hub(source: str, split: str, streaming: bool = False, folder: bool = False) -> Iterator[RawRow]:
+    """A hub dataset (or a folder of data files) through `datasets`; loaded here, so that a bad id fails
+    before the first row. `streaming`: nothing is downloaded ahead, rows arrive as they are read."""
     import datasets
 
+    what = "a folder of data files" if folder else "a datasets hub id"
     try:
         ds = datasets.load_dataset(source, split=split, streaming=streaming)
-    except Exception as e:  # offline, unknown id, unknown split: all user-fixable
-        raise DataError(Problem(source, f"could not load it as a datasets hub id, split '{split}' ({type(e).__name__}: "
+    except Exception as e:  # offline, unknown id, unknown split, no data files: all user-fixable
+        raise DataError(Problem(source, f"could not load it as {what}, split '{split}' ({type(e).__name__}: "
                                 f"{str(e).splitlines()[0] if str(e) else ''})",
-                                fix="check the id, the split (data.train_split / data.eval_split) and the network, "
-                                    "or pass a local file")) from None
-    return (RawRow(dict(row), f"{source}[{split}] row {i}") for i, row in enumerate(ds))
+                                fix="check the folder holds .jsonl/.json/.csv/.parquet/.txt files" if folder else
+                                "check the id, the split (data.train_split / data.eval_split) and the network, "
+                                "or pass a local file")) from None
+    return _hub_rows(ds, source, split, folder)
+
+
+def _hub_rows(ds: Any, source: str, split: str, folder: bool) -> Iterator[RawRow]:
+    i = -1
+    try:
+        for i, row in enumerate(ds):
+            yield RawRow(dict(row), f"{source}[{split}] row {i}")
+    except Exception as e:  # a stream read over the network can fail at any row
+        raise DataError(Problem(f"{source}[{split}] row {i + 1}", f"reading the data failed ({type(e).__name__}: "
+                                f"{str(e).splitlines()[0] if str(e) else ''})",
+                                fix="fix the file it names" if folder else "check the network and run the same "
+                                "command again (a run resumes from its last checkpoint)")) from None
 
 
 def read_rows(source: str | list[str], split: str, key: str) -> list[RawRow]:
@@ -196,9 +212,51 @@ def read_training_rows(source: str | list[str], split: str, weights: list[float]
     return rows, mixed
 
 
+def stream_rows(source: str | list[str], split: str, weights: list[float] | None, seed: int,
+                prepare: Callable[[Iterator[RawRow]], Iterator[RawRow]] | None = None) -> Iterator[RawRow]:
+    """data.train read as a stream (data.streaming), each source through `prepare` (e.g. data.clean) as
+    it is read. Without `weights` the sources follow each other. With them, each row comes from a source
+    drawn with its weight's probability (seeded); a source that runs out starts again (its rows then
+    marked by `copy`), and the stream ends once every source has run out at least once."""
+    sources = [source] if isinstance(source, str) else list(source)
+    prepare = prepare or (lambda rows: rows)
+
+    def opened(i: int) -> Iterator[RawRow]:
+        return prepare(iter_rows(sources[i], split, "data.train", streaming=True))
+
+    if not weights:
+        for i in range(len(sources)):
+            yield from opened(i)
+        return
+    import dataclasses
+    import random
+
+    rng = random.Random(seed)
+    rows, passes, read = [opened(i) for i in range(len(sources))], [0] * len(sources), [0] * len(sources)
+    ended: set[int] = set()
+    while True:
+        i = rng.choices(range(len(sources)), weights)[0]
+        row = next(rows[i], None)
+        if row is None:
+            if not read[i]:
+                raise DataError(Problem(sources[i], "holds no rows (after data.clean, if it is on)", "data.train",
+                                        fix="check the source, or remove it from data.train and data.weights"))
+            ended.add(i)
+            if len(ended) == len(sources):
+                return
+            passes[i] += 1
+            rows[i] = opened(i)
+            row = next(rows[i], None)
+            if row is None:  # emptied since its first pass
+                continue
+        read[i] += 1
+        yield dataclasses.replace(row, copy=passes[i]) if passes[i] else row
+
+
 def iter_rows(source: str, split: str, key: str, streaming: bool = False) -> Iterator[RawRow]:
-    """The rows of one data source, one at a time (a file is never read whole; a hub dataset is
-    downloaded first unless `streaming`). Problems with the source are raised before the first row."""
+    """The rows of one data source, one at a time (a file is never read whole; a hub dataset, or a folder
+    of data files, which datasets reads, is downloaded or converted first unless `streaming`). Problems
+    with the source are raised before the first row."""
     if source.startswith("sample:"):
         path = resolve_sample(source)
     else:
@@ -210,8 +268,8 @@ def iter_rows(source: str, split: str, key: str, streaming: bool = False) -> Ite
             hint = did_you_mean(path.name, siblings)
             raise DataError(Problem(source, "file not found" + (f" ({hint})" if hint else ""), key,
                                     fix="check the path (relative paths start from the current directory)"))
-        if path.is_dir():
-            raise DataError(Problem(source, "is a directory", key, fix=f"pass a data file ({', '.join(FORMATS)})"))
+        if path.is_dir():  # shards of one dataset, as `hf download` or a data pipeline leaves them
+            return _read_hub(str(path), split, streaming, folder=True)
         if not path.is_file():  # a FIFO or a device would block, or never end
             raise DataError(Problem(source, "is not a regular file (a pipe, socket or device)", key,
                                     fix="write the data to a file first, then pass that file"))

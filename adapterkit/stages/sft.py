@@ -11,6 +11,7 @@ around it (lock, resume, manifest, atomic publish) is the shared skeleton's.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,9 +22,11 @@ from adapterkit import models, perf, rundir
 from adapterkit import plan as plan_mod
 from adapterkit.adapters import METHODS, trainable_parameters
 from adapterkit.config import Recipe, packs
+from adapterkit.data import streaming
 from adapterkit.data.clean import RecipeCleaning
 from adapterkit.data.formatter import DataReport, Formatter, encode_rows, label_set
-from adapterkit.data.loading import RawRow, read_rows, read_training_rows
+from adapterkit.data.loading import RawRow, iter_rows, read_rows, read_training_rows, stream_rows
+from adapterkit.data.streaming import TrainStream
 from adapterkit.doctor import DoctorCallback
 from adapterkit.errors import AdapterkitError, ConfigError, DataError, Problem
 from adapterkit.stages.skeleton import Context, Data, Prepared, describe_source, refuse_unusable
@@ -47,26 +50,51 @@ def tokenizer_for(recipe: Recipe, say: Any = print) -> tuple[str | None, Any, li
     if m.init != "scratch":
         source = models.model_source(m)
         return source, models.load_tokenizer(m, m.tokenizer or source), None
-    train_rows, _ = read_training_rows(d.train, d.train_split, d.weights, recipe.train.seed)
     if m.tokenizer:
-        return None, models.load_tokenizer(m, m.tokenizer), train_rows
+        return None, models.load_tokenizer(m, m.tokenizer), None
+    column = d.columns.get("text", "text")
+    if d.streaming:
+        say(f"tokenizer: training a byte-level BPE tokenizer (vocab {m.vocab_size}) on the stream's first "
+            f"{streaming.TOKENIZER_CHARS // 10**6} MB of text")
+        rows = streaming.head(stream_rows(d.train, d.train_split, d.weights, recipe.train.seed))
+        return None, models.train_tokenizer((r.values.get(column) or "" for r in rows), m.vocab_size), None
+    train_rows, _ = read_training_rows(d.train, d.train_split, d.weights, recipe.train.seed)
     say(f"tokenizer: training a byte-level BPE tokenizer (vocab {m.vocab_size}) on the corpus")
-    texts = (r.values.get(d.columns.get("text", "text")) or "" for r in train_rows)
+    texts = (r.values.get(column) or "" for r in train_rows)
     return None, models.train_tokenizer(texts, m.vocab_size), train_rows
 
 
+def eval_rows(recipe: Recipe) -> list[RawRow]:
+    """data.eval's rows: all of them, or with data.streaming its first eval.limit rows, streamed."""
+    d = recipe.data
+    if not d.streaming:
+        return read_rows(d.eval, d.eval_split, "data.eval")
+    sources = [d.eval] if isinstance(d.eval, str) else list(d.eval or [])
+    rows = itertools.chain.from_iterable(iter_rows(one, d.eval_split, "data.eval", streaming=True) for one in sources)
+    return list(itertools.islice(rows, recipe.eval.limit))
+
+
 def prepare_data(recipe: Recipe, tokenizer: Any, train_rows: list[RawRow] | None = None
-                 ) -> tuple[Formatter, list[dict], list[dict] | None, list[DataReport]]:
-    """Read, format and tokenize the train (and eval) data. Raises DataError when nothing can train."""
+                 ) -> tuple[Formatter, list[dict], list[dict] | None, list[DataReport], TrainStream | None]:
+    """Read, format and tokenize the train (and eval) data. Raises DataError when nothing can train.
+    With data.streaming only the first rows are read here, and the stream that training reads is returned."""
     d = recipe.data
     clean = RecipeCleaning(d, tokenizer, describe_source(d.train))  # before the sources are mixed
-
-    # (a scratch model's tokenizer was trained on the same rows: the mix is seeded, so they are the same)
-    train_rows, mixed = (read_training_rows(d.train, d.train_split, d.weights, recipe.train.seed, clean)
-                         if train_rows is None or d.weights else (clean(train_rows), []))
+    stream = None
+    if d.streaming:
+        train_rows = list(itertools.islice(stream_rows(d.train, d.train_split, d.weights, recipe.train.seed,
+                                                       clean.stream), streaming.PREVIEW_ROWS))
+        mixed: list[str] = []
+    else:
+        # (a scratch model's tokenizer was trained on the same rows: the mix is seeded, so they are the same)
+        train_rows, mixed = (read_training_rows(d.train, d.train_split, d.weights, recipe.train.seed, clean)
+                             if train_rows is None or d.weights else (clean(train_rows), []))
     labels = label_set(train_rows, d)
     formatter = Formatter.for_training(d, tokenizer, labels)
     train, train_report = encode_rows(train_rows, formatter, "train", describe_source(d.train))
+    if d.streaming:
+        train_report.streamed = True
+        stream = streaming.TrainStream(d, recipe.train.seed, formatter, describe_source(d.train), clean.stream)
     train_report.cleaned = clean.reasons()
     train_report.mixed = mixed
     reports = [train_report]
@@ -84,11 +112,10 @@ def prepare_data(recipe: Recipe, tokenizer: Any, train_rows: list[RawRow] | None
     refuse_unusable(train_report, train, d, "train")
     evaluation = None
     if d.eval is not None:
-        evaluation, eval_report = encode_rows(read_rows(d.eval, d.eval_split, "data.eval"), formatter, "eval",
-                                              describe_source(d.eval))
+        evaluation, eval_report = encode_rows(eval_rows(recipe), formatter, "eval", describe_source(d.eval))
         reports.append(eval_report)
         refuse_unusable(eval_report, evaluation, d, "eval")
-    return formatter, train, evaluation, reports
+    return formatter, train, evaluation, reports, stream
 
 
 def _sft_config(recipe: Recipe, auto: Auto, out: Path, precision: str, dev: Any, has_eval: bool,
@@ -150,6 +177,8 @@ class SFTData:
     task_eval: TaskEval | None
     distill: Any = None
     """The distill stage's teacher and cache (stages/distill.py)."""
+    stream: TrainStream | None = None
+    """data.streaming: what training reads (`train` then holds the examples of its first rows)."""
 
 
 def weights_of_run(path: str) -> tuple[str, str]:
@@ -181,8 +210,8 @@ class SFT:
 
     def data(self, recipe: Recipe, say: Any = print) -> Data:
         source, tokenizer, train_rows = tokenizer_for(recipe, say)
-        formatter, train, evaluation, reports = prepare_data(recipe, tokenizer, train_rows)
-        return Data(tokenizer, formatter, train, evaluation, reports, source)
+        formatter, train, evaluation, reports, stream = prepare_data(recipe, tokenizer, train_rows)
+        return Data(tokenizer, formatter, train, evaluation, reports, source, stream)
 
     def prepare(self, recipe: Recipe, ctx: Context) -> Prepared:
         m, say = recipe.model, ctx.say
@@ -200,6 +229,9 @@ class SFT:
         say(f"data ({formatter.spec.task}, {formatter.spec.mode} template)")
         for report in reports:
             say("  " + report.summary())
+        if data.stream is not None:
+            say(f"  (data.streaming: the train line counts the first {streaming.PREVIEW_ROWS} rows, read ahead to "
+                "check them; training reads the rest as it goes)")
         checkpointing, why = plan_mod.resolve_checkpointing(recipe, config, m.name_or_path, ctx.dev,
                                                             ctx.procs.num_processes)
         if why:
@@ -211,7 +243,8 @@ class SFT:
                 describe_source(recipe.data.eval))
             task_eval = TaskEval(examples, skipped, formatter, recipe.eval, say)
         return Prepared(recipe, Auto(gradient_checkpointing=checkpointing, packing=packs(recipe)), method, source,
-                        tokenizer, formatter, reports, precision, config, work=SFTData(train, evaluation, task_eval))
+                        tokenizer, formatter, reports, precision, config,
+                        work=SFTData(train, evaluation, task_eval, stream=data.stream))
 
     def train(self, run: Prepared, ctx: Context) -> tuple[Any, dict[str, Any]]:
         """Load or build the model, wrap it for the method, and train it; eval loss (and the task's
@@ -253,7 +286,7 @@ class SFT:
         trainer = build_trainer(
             trainer_class, model,
             args=args,
-            train_dataset=datasets.Dataset.from_list(self.training_rows(run)),
+            train_dataset=self.train_dataset(run),
             eval_dataset=datasets.Dataset.from_list(work.evaluation) if work.evaluation else None,
             processing_class=run.tokenizer,
             callbacks=[progress, DoctorCallback(method.family, recipe.stage, recipe.train.lr, echo=ctx.echo,
@@ -285,10 +318,22 @@ class SFT:
         self.before_training(run, ctx, trainer, metrics, previous)
         # Trainer restores weights, optimizer, scheduler, RNG and data position from the checkpoint into
         # the model wrapped above (once: resuming never wraps an adapter twice).
-        result = trainer.train(resume_from_checkpoint=str(ctx.checkpoint) if ctx.checkpoint else None)
+        try:
+            result = trainer.train(resume_from_checkpoint=str(ctx.checkpoint) if ctx.checkpoint else None)
+        except DataError as e:  # a streamed row, met in training
+            if work.stream is None:
+                raise
+            kept = rundir.latest_checkpoint(out)
+            then = (f"the run stopped at step {trainer.state.global_step}; "
+                    + (f"{kept.name} is kept: fix the data, then run the same command with --resume-anyway to "
+                       "continue from it" if kept else "no checkpoint was saved yet (train.save_every)"))
+            raise DataError([dataclasses.replace(p, fix=f"{p.fix}; {then}" if p.fix else then) for p in e.problems],
+                            e.title) from None
         metrics.update(train_loss=result.training_loss, steps=result.global_step,
                        runtime_s=round(result.metrics.get("train_runtime", 0.0), 2),
                        tokens_seen=trainer.state.num_input_tokens_seen)
+        if work.stream is not None:  # what this process read (a resumed run reads again up to its step)
+            metrics["streamed"] = work.stream.report.to_dict()
         if work.evaluation:
             progress.phase = "after"
             metrics["eval_loss_after"] = trainer.evaluate()["eval_loss"]
@@ -305,6 +350,14 @@ class SFT:
     def training_rows(self, run: Prepared) -> list[dict]:
         return run.work.train
 
+    def train_dataset(self, run: Prepared) -> Any:
+        """What the trainer reads: the training rows, or with data.streaming the stream, shuffled in a buffer."""
+        import datasets
+
+        if run.work.stream is not None:
+            return run.work.stream.dataset().shuffle(seed=run.recipe.train.seed, buffer_size=streaming.SHUFFLE_BUFFER)
+        return datasets.Dataset.from_list(self.training_rows(run))
+
     def config_changes(self) -> dict[str, Any]:
         """SFTConfig settings that differ from sft's."""
         return {}
@@ -318,6 +371,9 @@ class SFT:
             summary = run.work.task_eval.report(ctx.out, f"{ctx.src.name}: {run.method.name} on {run.recipe.data.task}")
             ctx.say(evaluation_mod.metrics_table(summary))
             ctx.say(f"report: {ctx.out / 'report.md'}")
+        if run.work.stream is not None:
+            r = run.work.stream.report
+            ctx.say(f"streamed in training: {r.rows_read:,} rows -> {r.examples:,} examples, {r.tokens:,} tokens")
         if run.work.evaluation:
             ctx.say(f"eval loss {metrics['eval_loss_before']:.4f} -> {metrics['eval_loss_after']:.4f}")
 

@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +41,11 @@ def data_identity(source: str | list[str] | None, split: str) -> list[dict[str, 
         path = resolve_sample(one) if one.startswith("sample:") else Path(one).expanduser()
         if path.is_file():
             out.append({"source": one, "path": str(path.resolve()), "sha256": rundir.file_sha256(path)})
+        elif path.is_dir():  # shards, possibly many GB: their names, sizes and times, not their bytes
+            files = sorted(p for p in path.rglob("*") if p.is_file())
+            stats = [(str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+            out.append({"source": one, "path": str(path.resolve()), "files": len(files),
+                        "stat_sha256": hashlib.sha256(json.dumps(stats).encode()).hexdigest(), "split": split})
         else:
             out.append({"source": one, "hub_split": split})
     return out
@@ -120,6 +127,8 @@ class Data:
     reports: list[DataReport]
     source: str | None
     """Where the base weights come from: a hub id or directory (None: built from scratch)."""
+    stream: Any = None
+    """data.streaming: the stream training reads (`train` then holds the examples of its first rows)."""
 
 
 @dataclass
@@ -213,7 +222,9 @@ def _run(stage: Stage, recipe: Recipe, src: RecipeSource, force: bool, echo: boo
     prepared = stage.prepare(recipe, ctx)
     if ctx.main and ctx.checkpoint is not None:
         step = rundir.resume(out, ctx.checkpoint, ctx.say)
-        ctx.say(f"resuming from {ctx.checkpoint} (step {step}); recipe and data are unchanged since it was written")
+        ctx.say(f"resuming from {ctx.checkpoint} (step {step}); " + (
+            "--resume-anyway: the recipe or data may differ from what it was written with" if resume_anyway else
+            "recipe and data are unchanged since it was written"))
     elif ctx.main:
         rundir.start(out, (out / rundir.MANIFEST).is_file(), dump_recipe(recipe), {
             "recipe": src.name, "recipe_path": src.path, "overrides": src.command_line, "stage": recipe.stage,
