@@ -20,13 +20,20 @@ from adapterkit.data.formatter import DataReport, Formatter, encode_rows
 from adapterkit.data.loading import RawRow, stream_rows
 
 PREVIEW_ROWS = 1000
-"""Rows read ahead to check the stream: the data report, the refusals, `adapterkit data preview`."""
+"""Rows read ahead to check the stream: the data report, the refusals, `adapterkit data preview`..."""
+PREVIEW_CHARS = 1_000_000
+"""... or fewer, where they hold more text than this (long documents: their examples stay in memory)."""
 BLOCK_ROWS = 256
 """Rows formatted together (duplicates are dropped within a block; data.clean drops them across the stream)."""
 SHUFFLE_BUFFER = 1000
 """Examples the trainer's order is drawn from (datasets' buffer shuffle, seeded by train.seed)."""
 TOKENIZER_CHARS = 200_000_000
 """A scratch model's tokenizer is trained on the stream's first rows, up to this much text."""
+
+
+def preview(rows: Iterator[RawRow]) -> list[RawRow]:
+    """The rows read ahead: the first PREVIEW_ROWS, or fewer where they reach PREVIEW_CHARS of text."""
+    return list(itertools.islice(head(rows, PREVIEW_CHARS), PREVIEW_ROWS))
 
 
 def head(rows: Iterator[RawRow], chars: int = TOKENIZER_CHARS) -> Iterator[RawRow]:

@@ -82,8 +82,8 @@ def prepare_data(recipe: Recipe, tokenizer: Any, train_rows: list[RawRow] | None
     clean = RecipeCleaning(d, tokenizer, describe_source(d.train))  # before the sources are mixed
     stream = None
     if d.streaming:
-        train_rows = list(itertools.islice(stream_rows(d.train, d.train_split, d.weights, recipe.train.seed,
-                                                       clean.stream), streaming.PREVIEW_ROWS))
+        train_rows = streaming.preview(stream_rows(d.train, d.train_split, d.weights, recipe.train.seed,
+                                                   clean.stream))
         mixed: list[str] = []
     else:
         # (a scratch model's tokenizer was trained on the same rows: the mix is seeded, so they are the same)
@@ -230,8 +230,9 @@ class SFT:
         for report in reports:
             say("  " + report.summary())
         if data.stream is not None:
-            say(f"  (data.streaming: the train line counts the first {streaming.PREVIEW_ROWS} rows, read ahead to "
-                "check them; training reads the rest as it goes)")
+            say(f"  (data.streaming: the train line counts the first rows (up to {streaming.PREVIEW_ROWS} or "
+                f"{streaming.PREVIEW_CHARS // 10**6} MB of text), read ahead to check them; training reads the rest "
+                "as it goes)")
         checkpointing, why = plan_mod.resolve_checkpointing(recipe, config, m.name_or_path, ctx.dev,
                                                             ctx.procs.num_processes)
         if why:
