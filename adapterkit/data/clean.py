@@ -292,18 +292,14 @@ def clean_file(source: str, out: Path, task: str, columns: dict[str, str], setti
 
 class RecipeCleaning:
     """A recipe's `data.clean` as a step on its training rows (before data.weights mixes the sources):
-    `step(rows)` keeps the clean rows (all of them when data.clean is off); `report` says what went."""
+    calling it keeps the clean rows (all of them when data.clean is off); `reasons` says what went."""
 
     def __init__(self, d: DataConfig, tokenizer: Any, source: str) -> None:
         self.d, self.tokenizer, self.source = d, tokenizer, source
         self.report: CleanReport | None = None
 
     def __call__(self, rows: list[RawRow]) -> list[RawRow]:
-        if not self.d.clean:
-            return rows
-        settings = self.d.clean if isinstance(self.d.clean, CleanConfig) else CleanConfig()
-        self.report = CleanReport(self.source)
-        return list(clean_rows(iter(rows), Cleaner(self.d.task, self.d.columns, settings, self.tokenizer), self.report))
+        return list(self.stream(iter(rows))) if self.d.clean else rows
 
     def stream(self, rows: Iterator[RawRow]) -> Iterator[RawRow]:
         """The same on rows as they are read (data.streaming): each call is a new pass with its own memory

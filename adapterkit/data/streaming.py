@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from adapterkit.data.formatter import DataReport, Formatter, encode_rows
-from adapterkit.data.loading import RawRow, stream_rows
+from adapterkit.data.loading import RawRow
 
 PREVIEW_ROWS = 1000
 """Rows read ahead to check the stream: the data report, the refusals, `adapterkit data preview`..."""
@@ -51,13 +51,9 @@ class TrainStream:
     again from its first row (datasets calls it once per pass, as a generator); `report` counts every
     row read by every pass so far."""
 
-    def __init__(self, d: Any, seed: int, formatter: Formatter, source: str,
-                 clean: Callable[[Iterator[RawRow]], Iterator[RawRow]]) -> None:
-        self.d, self.seed, self.formatter, self.source, self.clean = d, seed, formatter, source, clean
+    def __init__(self, rows: Callable[[], Iterator[RawRow]], formatter: Formatter, source: str) -> None:
+        self.rows, self.formatter, self.source = rows, formatter, source
         self.report = DataReport(split="train", source=source, streamed=True)
-
-    def rows(self) -> Iterator[RawRow]:
-        return stream_rows(self.d.train, self.d.train_split, self.d.weights, self.seed, self.clean)
 
     def __call__(self) -> Iterator[dict]:
         rows = self.rows()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,8 +83,10 @@ def prepare_data(recipe: Recipe, tokenizer: Any, train_rows: list[RawRow] | None
     clean = RecipeCleaning(d, tokenizer, describe_source(d.train))  # before the sources are mixed
     stream = None
     if d.streaming:
-        train_rows = streaming.preview(stream_rows(d.train, d.train_split, d.weights, recipe.train.seed,
-                                                   clean.stream))
+        def rows() -> Iterator[RawRow]:
+            return stream_rows(d.train, d.train_split, d.weights, recipe.train.seed, clean.stream)
+
+        train_rows = streaming.preview(rows())
         mixed: list[str] = []
     else:
         # (a scratch model's tokenizer was trained on the same rows: the mix is seeded, so they are the same)
@@ -94,7 +97,7 @@ def prepare_data(recipe: Recipe, tokenizer: Any, train_rows: list[RawRow] | None
     train, train_report = encode_rows(train_rows, formatter, "train", describe_source(d.train))
     if d.streaming:
         train_report.streamed = True
-        stream = streaming.TrainStream(d, recipe.train.seed, formatter, describe_source(d.train), clean.stream)
+        stream = streaming.TrainStream(rows, formatter, describe_source(d.train))
     train_report.cleaned = clean.reasons()
     train_report.mixed = mixed
     reports = [train_report]
@@ -230,8 +233,8 @@ class SFT:
         for report in reports:
             say("  " + report.summary())
         if data.stream is not None:
-            say(f"  (data.streaming: the train line counts the first rows (up to {streaming.PREVIEW_ROWS} or "
-                f"{streaming.PREVIEW_CHARS // 10**6} MB of text), read ahead to check them; training reads the rest "
+            say(f"  (data.streaming: the train line counts only the rows read ahead to check the stream, at most "
+                f"{streaming.PREVIEW_ROWS} or {streaming.PREVIEW_CHARS // 10**6} MB of text; training reads the rest "
                 "as it goes)")
         checkpointing, why = plan_mod.resolve_checkpointing(recipe, config, m.name_or_path, ctx.dev,
                                                             ctx.procs.num_processes)
